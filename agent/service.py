@@ -1,0 +1,240 @@
+"""The agent: one MQTT connection per session, birth + retained snapshots, heartbeats, commands.
+
+Each connection gets a fresh session id carried in the birth, the Last Will and every snapshot,
+so the controller can ignore a will left behind by an older connection (client-id takeover).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import socket
+import time
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit
+
+import aiomqtt
+
+from fleet import __version__
+from fleet import mqtt as fmqtt
+from fleet.protocol import NODE_ID_RE, NODE_TOPICS, PROTO, PROTO_RANGE, ProtocolError, Topics, encode, new_session, state_payload
+from fleet.settings import Config, ConfigError
+
+from . import collect
+from .gpu import Gpus
+from .ollama import OllamaClient, OllamaStatus
+
+log = logging.getLogger("fleet.agent")
+
+CommandHandler = Callable[[dict[str, Any]], Awaitable[None]]
+DISCONNECT_PAUSE = 30.0  # seconds an agent stays away after a forced disconnect, unless the command says
+
+
+def default_node_id(ollama_url: str, hostname: str | None = None) -> str:
+    host = (hostname or socket.gethostname()).split(".")[0].lower()
+    host = re.sub(r"[^a-z0-9-]+", "-", host).strip("-") or "node"
+    port = urlsplit(ollama_url).port or 11434
+    return f"{host[:56]}-{port}"
+
+
+class Agent:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node_id or default_node_id(cfg.ollama_url)
+        if not NODE_ID_RE.match(self.node_id):
+            raise ConfigError(f"node_id {self.node_id!r} must match {NODE_ID_RE.pattern}")
+        self.topics = Topics(cfg.topic_prefix)
+        self.interval = float(cfg.heartbeat_interval)
+        self.ollama = OllamaClient(cfg.ollama_url, cfg.ollama_timeout)
+        self.gpus = Gpus()
+        self.disk_path = collect.models_dir(cfg.models_dir)
+        self.started = time.time()
+        self.session = ""
+        self.seq = 0
+        self.status = OllamaStatus(up=False)
+        self.client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.controller_instance: str | None = None
+        self.handlers: dict[str, CommandHandler] = {
+            "agent.rebirth": self._cmd_rebirth,
+            "agent.disconnect": self._cmd_disconnect,
+        }
+        self.extra_heartbeat: dict[str, Callable[[], Any]] = {}  # other modules add fields here
+        self._published: dict[str, str] = {}  # snapshot kind -> last content, to publish only on change
+        self._stop = asyncio.Event()
+        self._pause = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> None:
+        log.info("agent %s starting (ollama %s, broker %r)", self.node_id, self.cfg.ollama_url,
+                 fmqtt.BrokerAddress.from_config(self.cfg))
+        attempt = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._session()
+                    attempt = 0
+                except aiomqtt.MqttError as e:
+                    log.warning("broker connection: %s", e)
+                    attempt += 1
+                delay = self._pause or fmqtt.backoff(attempt)
+                self._pause = 0.0
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+        finally:
+            await self.ollama.aclose()
+            self.gpus.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _session(self) -> None:
+        self.session = new_session()
+        state_topic = self.topics.node(self.node_id, "state")
+        will = aiomqtt.Will(state_topic, encode(state_payload("lost", self.session)), qos=1, retain=True)
+        kwargs = fmqtt.client_kwargs(self.cfg, f"fleet-agent-{self.node_id}", will)
+        async with aiomqtt.Client(**kwargs) as client:
+            self.client = client
+            self._published.clear()
+            for topic in self.topics.agent_subscriptions(self.node_id):
+                await client.subscribe(topic, qos=1)
+            await self._refresh()
+            await self._publish_birth()
+            self.connected.set()
+            log.info("connected as %s (session %s)", self.node_id, self.session[:8])
+            tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._commands())]
+            stop = asyncio.create_task(self._stop.wait())
+            try:
+                done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+                leaving = self._stop.is_set()
+                for t in tasks:
+                    if t in done and t.exception() is not None:
+                        if not isinstance(t.exception(), _Leave):
+                            raise t.exception()  # type: ignore[misc]  # MqttError -> reconnect
+                        leaving = True
+                if leaving:
+                    # a clean stop says so before leaving: a normal DISCONNECT suppresses the will
+                    await self._publish("state", state_payload("offline", self.session))
+            finally:
+                self.connected.clear()
+                self.client = None
+                for t in [*tasks, stop]:
+                    t.cancel()
+                await asyncio.gather(*tasks, stop, return_exceptions=True)
+
+    # ---- publishing ------------------------------------------------------------------------
+    async def _publish(self, kind: str, payload: dict[str, Any], topic: str | None = None, **kw: Any) -> None:
+        assert self.client is not None
+        qos, retain = NODE_TOPICS[kind]
+        await self.client.publish(topic or self.topics.node(self.node_id, kind), encode(payload),
+                                  qos=qos, retain=retain, **kw)
+
+    async def _publish_birth(self) -> None:
+        await self._publish("state", state_payload(
+            "online", self.session, seq=0, hb_interval=self.interval, started=self.started,
+            agent={"version": __version__, "proto": list(PROTO_RANGE)}))
+        await self._publish_snapshots(force=True)
+
+    def snapshots(self) -> dict[str, dict[str, Any]]:
+        facts = collect.host_facts(self.disk_path)
+        facts.pop("disk_free", None)  # changes constantly: it travels in heartbeats
+        s = self.status
+        return {
+            "info": {**facts, "agent_version": __version__,
+                     "ollama": {"url": self.cfg.ollama_url, "version": s.version, "up": s.up, "error": s.error}},
+            "gpus": {"gpus": self.gpus.inventory()},
+            "models": {"models": s.models if s.up else self._last_list("models")},
+            "running": {"models": s.loaded},
+        }
+
+    def _last_list(self, kind: str) -> list[Any]:
+        # Ollama down does not uninstall models: keep the last list rather than announce none
+        last = self._published.get(kind)
+        return json.loads(last)["models"] if last else []
+
+    async def _publish_snapshots(self, force: bool = False) -> None:
+        for kind, body in self.snapshots().items():
+            key = json.dumps(body, sort_keys=True, default=str)
+            if force or self._published.get(kind) != key:
+                await self._publish(kind, {"v": PROTO, "session": self.session, "ts": time.time(), **body})
+                self._published[kind] = key
+
+    async def _refresh(self) -> None:
+        prev_up = self.status.up
+        self.status = await self.ollama.probe()
+        if self.status.up != prev_up:
+            log.info("ollama %s is %s", self.cfg.ollama_url, "up" if self.status.up else f"down ({self.status.error})")
+
+    def heartbeat(self) -> dict[str, Any]:
+        self.seq += 1
+        disk = collect.soft(lambda: collect._disk(self.disk_path))
+        hb: dict[str, Any] = {
+            "v": PROTO, "session": self.session, "seq": self.seq, "ts": time.time(),
+            "uptime": round(time.time() - self.started, 1),
+            **collect.load_figures(),
+            "disk_free": disk.free if disk else None,
+            "gpus": collect.soft(self.gpus.metrics, []),
+            "ollama": {"up": self.status.up},
+            "loaded": [m["name"] for m in self.status.loaded],
+        }
+        for key, fn in self.extra_heartbeat.items():
+            hb[key] = collect.soft(fn)
+        return hb
+
+    async def _heartbeats(self) -> None:
+        next_at = time.monotonic()
+        while True:
+            await self._refresh()
+            await self._publish("heartbeat", self.heartbeat(), properties=fmqtt.expiry(self.cfg, 3 * self.interval))
+            await self._publish_snapshots()
+            next_at += self.interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+    # ---- commands --------------------------------------------------------------------------
+    async def _commands(self) -> None:
+        assert self.client is not None
+        async for message in self.client.messages:
+            topic = str(message.topic)
+            try:
+                if topic == self.topics.controller_status:
+                    await self._on_controller_status(message.payload)
+                    continue
+                _, verb = self.topics.parse_cmd_topic(topic)
+                doc = json.loads(message.payload) if message.payload else {}
+                if not isinstance(doc, dict):
+                    raise ProtocolError("bad_payload", "not a JSON object")
+                handler = self.handlers.get(verb)
+                if handler is None:
+                    raise ProtocolError("unknown_verb", verb)
+                await handler(doc)
+            except (ProtocolError, ValueError) as e:
+                log.warning("command on %s dropped: %s", topic, e)
+            except (_Leave, aiomqtt.MqttError, asyncio.CancelledError):
+                raise
+            except Exception:  # a handler bug must not take the connection down
+                log.exception("command on %s failed", topic)
+
+    async def _on_controller_status(self, payload: Any) -> None:
+        try:
+            doc = json.loads(payload)
+        except (ValueError, TypeError):
+            return
+        if isinstance(doc, dict) and doc.get("online") and doc.get("instance") != self.controller_instance:
+            # a (re)started controller: give it our full picture at once (HA/Sparkplug pattern)
+            self.controller_instance = doc.get("instance")
+            await self._publish_birth()
+
+    async def _cmd_rebirth(self, doc: dict[str, Any]) -> None:
+        await self._publish_birth()
+
+    async def _cmd_disconnect(self, doc: dict[str, Any]) -> None:
+        self._pause = float(doc.get("pause_s") or DISCONNECT_PAUSE)
+        log.warning("controller asked us to disconnect for %.0f s", self._pause)
+        raise _Leave()
+
+
+class _Leave(Exception):
+    """Ends the session cleanly (offline published), then run() waits out the pause and reconnects."""

@@ -1,0 +1,111 @@
+"""Database access off the event loop: one writer thread (batched, in order) and a few reader threads."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from .db import Agent, Event, Gpu, InstalledModel, MetricSample, db, init_db
+from .registry import Batch
+
+T = TypeVar("T")
+CHUNK = 200  # rows per INSERT: well under SQLite's bound-variable limit
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.database = init_db(url)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fleet-db-writer")
+        self._readers = ThreadPoolExecutor(4, thread_name_prefix="fleet-db-reader")
+        self.flushes = 0
+        self.rows_written = 0
+
+    async def _run(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        def call() -> T:
+            with self.database.connection_context():
+                return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(pool, call)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._run(self._readers, fn, *args)
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._run(self._writer, fn, *args)
+
+    async def flush(self, batch: Batch) -> None:
+        if batch:
+            self.rows_written += await self.write(apply_batch, batch)
+            self.flushes += 1
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        if not self.database.is_closed():
+            self.database.close()
+
+
+def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    return [rows[i:i + CHUNK] for i in range(0, len(rows), CHUNK)]
+
+
+def apply_batch(batch: Batch) -> int:
+    """One transaction per flush: coalesced agent upserts, replaced GPU/model sets, appended logs."""
+    written = 0
+    with db.atomic():
+        if batch.deleted:
+            for model in (Agent, Gpu, InstalledModel, MetricSample):
+                model.delete().where(model.node_id.in_(batch.deleted)).execute()
+        preserve = [f for f in Agent._meta.sorted_fields if f.name != "node_id"]
+        for rows in _chunks(batch.agents):
+            Agent.insert_many(rows).on_conflict(conflict_target=[Agent.node_id], preserve=preserve).execute()
+            written += len(rows)
+        for model, sets in ((Gpu, batch.gpus), (InstalledModel, batch.models)):
+            if not sets:
+                continue
+            model.delete().where(model.node_id.in_(list(sets))).execute()
+            fields = {f.name for f in model._meta.sorted_fields} - {"id"}
+            rows = [{k: v for k, v in {**item, "node_id": node}.items() if k in fields}
+                    for node, items in sets.items() for item in items]
+            for chunk in _chunks(rows):
+                model.insert_many(chunk).execute()
+            written += len(rows)
+        for model, rows in ((Event, batch.events), (MetricSample, batch.samples)):
+            for chunk in _chunks(rows):
+                model.insert_many(chunk).execute()
+            written += len(rows)
+    return written
+
+
+def load_registry() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    return (list(Agent.select().dicts()), list(Gpu.select().dicts()), list(InstalledModel.select().dicts()))
+
+
+def prune(metrics_before: float, events_before: float) -> int:
+    n = MetricSample.delete().where(MetricSample.ts < metrics_before).execute()
+    return n + Event.delete().where(Event.ts < events_before).execute()
+
+
+def query_events(node: str | None, kind: str | None, since: float | None, limit: int,
+                 before_id: int | None = None) -> list[dict[str, Any]]:
+    q = Event.select().order_by(Event.id.desc()).limit(limit)
+    if node:
+        q = q.where(Event.node_id == node)
+    if kind:
+        q = q.where(Event.kind == kind)
+    if since:
+        q = q.where(Event.ts >= since)
+    if before_id:
+        q = q.where(Event.id < before_id)
+    return list(q.dicts())
+
+
+def query_metrics(node: str, since: float) -> list[dict[str, Any]]:
+    q = (MetricSample.select().where((MetricSample.node_id == node) & (MetricSample.ts >= since))
+         .order_by(MetricSample.ts))
+    return [{k: v for k, v in r.items() if k not in ("id", "node_id")} for r in q.dicts()]
+
+
+def count_agents() -> int:
+    return Agent.select().count()

@@ -1,0 +1,213 @@
+"""One declarative settings table: CLI flags, `FLEET_*` variables, config files and docs come from it.
+
+Precedence, lowest first: default < config file (TOML) < environment < command-line flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+CONTROLLER = "controller"
+AGENT = "agent"
+BOTH = frozenset({CONTROLLER, AGENT})
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    type: type
+    default: Any
+    help: str
+    scopes: frozenset[str] = BOTH
+    secret: bool = False
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        return "FLEET_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _s(name: str, type_: type, default: Any, help_: str, scopes: Iterable[str] = BOTH, **kw: Any) -> Setting:
+    return Setting(name, type_, default, help_, frozenset(scopes), **kw)
+
+
+C, A = (CONTROLLER,), (AGENT,)
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- shared ---
+    _s("mqtt_url", str, "", "Broker URL `mqtt://[user:pass@]host[:port]` (`mqtts://` for TLS). Empty on the "
+       "controller: start a loopback trial broker.", secret=True),
+    _s("mqtt_username", str, "", "MQTT username (overrides the URL's; an agent's username is its node id)."),
+    _s("mqtt_password", str, "", "MQTT password (overrides the URL's).", secret=True),
+    _s("mqtt_protocol", str, "5", "MQTT protocol version: `5` or `311`.", choices=("5", "311")),
+    _s("mqtt_keepalive", int, 15, "MQTT keepalive in seconds; a half-open connection is declared dead "
+       "after 1.5x this."),
+    _s("topic_prefix", str, "fleet/v1", "Root of the topic tree."),
+    _s("log_level", str, "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    _s("log_format", str, "text", "Log format: `text` or `json` (one object per line).", choices=("text", "json")),
+    _s("data_dir", str, "", "Directory for the SQLite database and trial-broker data "
+       "(default: `$XDG_DATA_HOME/ollama-fleet`)."),
+    # --- controller ---
+    _s("host", str, "127.0.0.1", "Address the controller's HTTP server binds (`0.0.0.0` for the LAN).", C),
+    _s("port", int, 8434, "Port of the controller's HTTP server (Ollama API, OpenAI API, dashboard).", C),
+    _s("database_url", str, "", "Peewee database URL, e.g. `sqlite:///fleet.db` or "
+       "`postgresql://user@host/db` (default: SQLite in data_dir).", C, secret=True),
+    _s("stale_after", float, 3.0, "Heartbeat intervals without a heartbeat before an agent is `stale`.", C),
+    _s("flush_interval", float, 1.0, "Seconds between batched registry writes.", C),
+    _s("metrics_sample_interval", float, 30.0, "Seconds between stored metric samples per agent.", C),
+    _s("metrics_retention_hours", float, 24.0, "Hours of metric history kept.", C),
+    _s("event_retention_days", float, 30.0, "Days of event log kept.", C),
+    _s("max_payload_bytes", int, 65536, "MQTT payloads larger than this are dropped and counted.", C),
+    _s("admin_token", str, "", "When set, management endpoints need `Authorization: Bearer <token>`.",
+       C, secret=True),
+    _s("local_agent", bool, True, "`fleet up` only: also run an agent for the local Ollama.", C),
+    # --- agent ---
+    _s("node_id", str, "", "Agent identity (default: hostname + Ollama port). One agent per Ollama.", A),
+    _s("ollama_url", str, "http://127.0.0.1:11434", "The Ollama this agent reports on and manages.", A),
+    _s("heartbeat_interval", float, 5.0, "Seconds between heartbeats.", A),
+    _s("ollama_timeout", float, 2.0, "Seconds before an Ollama probe counts as down (hung).", A),
+    _s("models_dir", str, "", "Where Ollama keeps models, for the disk-free figure "
+       "(default: `$OLLAMA_MODELS` or `~/.ollama/models`).", A),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+class ConfigError(ValueError):
+    """A setting has a value we cannot use."""
+
+
+class Config:
+    """Resolved settings; attribute access, plus where each value came from (for `fleet settings`)."""
+
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> None:
+        self._values = dict(values)
+        self._sources = dict(sources or {})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._values.get(name, default)
+
+    def replace(self, **changes: Any) -> Config:
+        for k in changes:
+            if k not in BY_NAME:
+                raise ConfigError(f"unknown setting {k!r}")
+        return Config({**self._values, **changes}, {**self._sources, **{k: "code" for k in changes}})
+
+    def as_dict(self, redact: bool = True) -> dict[str, Any]:
+        out = {}
+        for k, v in self._values.items():
+            out[k] = "***" if redact and BY_NAME[k].secret and v else v
+        return out
+
+    def source(self, name: str) -> str:
+        return self._sources.get(name, "default")
+
+    @property
+    def data_path(self) -> Path:
+        if self._values.get("data_dir"):
+            return Path(self._values["data_dir"]).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "ollama-fleet"
+
+
+def coerce(setting: Setting, raw: Any) -> Any:
+    """Turn a string (env/flag) or TOML value into the setting's type, with a clear error."""
+    try:
+        if setting.type is bool:
+            if isinstance(raw, bool):
+                value: Any = raw
+            elif str(raw).strip().lower() in ("1", "true", "yes", "on"):
+                value = True
+            elif str(raw).strip().lower() in ("0", "false", "no", "off", ""):
+                value = False
+            else:
+                raise ValueError(raw)
+        elif setting.type is list:
+            value = list(raw) if isinstance(raw, (list, tuple)) else [x.strip() for x in str(raw).split(",") if x.strip()]
+        else:
+            value = setting.type(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{setting.name}: cannot read {raw!r} as {setting.type.__name__}") from None
+    if setting.choices and str(value) not in setting.choices:
+        raise ConfigError(f"{setting.name}: {value!r} is not one of {', '.join(setting.choices)}")
+    return value
+
+
+def settings_for(scopes: Iterable[str]) -> list[Setting]:
+    wanted = set(scopes)
+    return [s for s in SETTINGS if s.scopes & wanted]
+
+
+def add_arguments(parser: argparse.ArgumentParser, scopes: Iterable[str]) -> None:
+    """Every setting of these scopes as a flag; defaults stay None so we can tell 'not given'."""
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (flat keys, or [controller]/[agent] tables).")
+    for s in settings_for(scopes):
+        help_ = f"{s.help} [env {s.env}; default {s.default!r}]"
+        if s.type is bool:
+            parser.add_argument(s.flag, dest=s.name, default=None, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.type.__name__.upper(), help=help_)
+
+
+def load(
+    scopes: Iterable[str],
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> Config:
+    scopes = list(scopes)
+    env = os.environ if env is None else env
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    config_file = config_file or given.get("config") or env.get("FLEET_CONFIG")
+    file_values: dict[str, Any] = {}
+    if config_file:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {config_file}: {e}") from None
+        for key, value in data.items():
+            if isinstance(value, dict):
+                if key in scopes:  # a section for this command
+                    file_values.update(value)
+            else:
+                file_values[key] = value
+        for key in file_values:
+            if key not in BY_NAME and key not in (CONTROLLER, AGENT):
+                raise ConfigError(f"config file {config_file}: unknown setting {key!r}")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        value, source = s.default, "default"
+        if s.name in file_values:
+            value, source = coerce(s, file_values[s.name]), "file"
+        if s.env in env:
+            value, source = coerce(s, env[s.env]), "env"
+        if given.get(s.name) is not None:
+            value, source = coerce(s, given[s.name]), "flag"
+        values[s.name], sources[s.name] = value, source
+    return Config(values, sources)
+
+
+def markdown_table(scopes: Iterable[str] = BOTH) -> str:
+    """The configuration table in the README is generated from here (a test keeps it in sync)."""
+    rows = ["| setting | flag | environment | default | used by | meaning |", "|---|---|---|---|---|---|"]
+    for s in settings_for(scopes):
+        default = "" if s.default in ("", None) else f"`{s.default}`"
+        used = ", ".join(sorted(s.scopes))
+        rows.append(f"| `{s.name}` | `{s.flag}` | `{s.env}` | {default} | {used} | {s.help} |")
+    return "\n".join(rows)
