@@ -77,6 +77,28 @@ SETTINGS: tuple[Setting, ...] = (
     _s("ollama_timeout", float, 2.0, "Seconds before an Ollama probe counts as down (hung).", A),
     _s("models_dir", str, "", "Where Ollama keeps models, for the disk-free figure "
        "(default: `$OLLAMA_MODELS` or `~/.ollama/models`).", A),
+    # --- agent: Ollama management ---
+    _s("install_ollama", bool, False, "Download, verify and install Ollama into `ollama_install_dir` when none "
+       "is found, then run and supervise it.", A),
+    _s("manage_ollama", bool, False, "Start `ollama serve` (own install or the one on PATH) when Ollama is not "
+       "answering, and restart it when it exits.", A),
+    _s("ollama_version", str, "0.20.0", "Ollama release to install.", A),
+    _s("ollama_download_url", str, "https://github.com/ollama/ollama/releases/download/v{version}/{asset}",
+       "Release archive URL template (`{version}`, `{asset}`, `{os}`, `{arch}`).", A),
+    _s("ollama_checksum_url", str, "https://github.com/ollama/ollama/releases/download/v{version}/sha256sum.txt",
+       "URL template of the release's `sha256sum.txt`.", A),
+    _s("ollama_asset", str, "", "Archive name (default: `ollama-<os>-<arch>.tar.zst`, `.tgz` before 0.14.0).", A),
+    _s("ollama_sha256", str, "", "Expected SHA-256 of the archive (overrides the published checksum).", A),
+    _s("ollama_allow_unverified", bool, False, "Install even when no checksum is available (warns loudly).", A),
+    _s("ollama_install_dir", str, "", "Root of agent-managed Ollama installs, one folder per version "
+       "(default: `<data_dir>/ollama`).", A),
+    _s("ollama_download_retries", int, 5, "Retries of a failed download (timeouts, connection errors, HTTP 5xx).", A),
+    _s("ollama_retry_backoff", float, 1.0, "First retry wait in seconds; doubles on each retry.", A),
+    _s("ollama_retry_backoff_max", float, 60.0, "Longest wait between download retries, in seconds.", A),
+    _s("pull_default_model", bool, False, "Pull a default model, chosen by GPU memory (or RAM), once Ollama is up.", A),
+    _s("default_model", str, "", "The default model to pull (default: chosen from the model tiers).", A),
+    _s("model_tiers_file", str, "", "JSON file of memory tiers -> models (default: the shipped "
+       "`fleet/model_tiers.json`).", BOTH),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
