@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ log = logging.getLogger("fleet.controller")
 
 STALE_CHECK_EVERY = 0.25  # seconds; cheap (a scan of the in-memory registry)
 PRUNE_EVERY = 600.0
+TRIAL_PORT = 1883
 
 
 class Fleet:
@@ -45,7 +47,10 @@ class Fleet:
         if not cfg.mqtt_url:
             from broker.local import start_trial_broker
 
-            self.broker = await start_trial_broker(data_dir=cfg.data_path / "broker")
+            # the standard port when free, so more local agents can find it
+            port = TRIAL_PORT if _port_free(TRIAL_PORT) else 0
+            self.broker = await start_trial_broker(port, data_dir=cfg.data_path / "broker")
+            log.warning("trial broker: agents on this host can join with --mqtt-url %s", self.broker.url)
             cfg = self.cfg = cfg.replace(mqtt_url=self.broker.url, mqtt_protocol=str(self.broker.mqtt_protocol))
             self.ingest.cfg = cfg
         url = cfg.database_url or dbm.default_url(cfg.data_path)
@@ -103,6 +108,15 @@ class Fleet:
             except Exception:
                 log.exception("pruning failed")
             await asyncio.sleep(PRUNE_EVERY)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet") -> Sanic:
