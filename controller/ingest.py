@@ -68,7 +68,8 @@ class Ingest:
                     self.client, attempt = client, 0
                     self.connected.set()
                     log.info("ingest connected to %r", fmqtt.BrokerAddress.from_config(self.cfg))
-                    async for message in client.messages:
+                    fmqtt.direct_dispatch(client, self.handle)
+                    async for message in client.messages:  # only raises on disconnect now
                         self.handle(str(message.topic), message.payload)
             except aiomqtt.MqttError as e:
                 log.warning("broker connection lost: %s", e)

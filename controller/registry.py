@@ -6,6 +6,7 @@ copy written behind by the flusher, so a heartbeat never waits for disk.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,7 @@ class Batch:
     """Everything the flusher writes in one transaction."""
 
     agents: list[dict[str, Any]] = field(default_factory=list)
+    beats: list[tuple[float, str, str]] = field(default_factory=list)  # (last_seen, metrics json, node_id)
     gpus: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     models: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
@@ -123,7 +125,7 @@ class Batch:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return any((self.agents, self.gpus, self.models, self.deleted, self.events, self.samples))
+        return any((self.agents, self.beats, self.gpus, self.models, self.deleted, self.events, self.samples))
 
 
 AGENT_COLUMNS = (
@@ -140,6 +142,7 @@ class Registry:
         self.sample_interval = sample_interval
         self.agents: dict[str, AgentRecord] = {}
         self._dirty: set[str] = set()
+        self._beats: set[str] = set()  # only last_seen + metrics changed: a narrow, cheap UPDATE
         self._dirty_gpus: set[str] = set()
         self._dirty_models: set[str] = set()
         self._deleted: list[str] = []
@@ -168,13 +171,17 @@ class Registry:
             a = self.agents.get(node)
             if a is not None:
                 batch.agents.append({k: getattr(a, k) for k in AGENT_COLUMNS})
+        for node in self._beats - self._dirty:
+            a = self.agents.get(node)
+            if a is not None:
+                batch.beats.append((a.last_seen, json.dumps(a.metrics, separators=(",", ":")), node))
         for node in self._dirty_gpus:
             if node in self.agents:
                 batch.gpus[node] = self.agents[node].gpus
         for node in self._dirty_models:
             if node in self.agents:
                 batch.models[node] = self.agents[node].models
-        self._dirty, self._dirty_gpus, self._dirty_models = set(), set(), set()
+        self._dirty, self._beats, self._dirty_gpus, self._dirty_models = set(), set(), set(), set()
         self._deleted, self._events, self._samples = [], [], []
         return batch
 
@@ -185,8 +192,8 @@ class Registry:
         self._events.append(ev)
         self.hub.publish("event", ev)
 
-    def _changed(self, a: AgentRecord) -> None:
-        self._dirty.add(a.node_id)
+    def _changed(self, a: AgentRecord, beat_only: bool = False) -> None:
+        (self._beats if beat_only else self._dirty).add(a.node_id)
         if self.hub.subscriber_count:
             self.hub.publish("agent", {"id": a.node_id})
 
@@ -249,15 +256,18 @@ class Registry:
         a.last_seen = now
         doc.pop("v", None)
         a.metrics = doc
+        steady = True
         ollama = doc.get("ollama")
-        if isinstance(ollama, dict) and isinstance(ollama.get("up"), bool):
+        if isinstance(ollama, dict) and ollama.get("up") is not a.ollama_up and isinstance(ollama.get("up"), bool):
             self._set_ollama(a, ollama["up"])
+            steady = False
         if a.state == "stale" and not a.forced_offline:
             self._set_state(a, "online", "heartbeat resumed")
+            steady = False
         if now - a.last_sample >= self.sample_interval:
             a.last_sample = now
             self._samples.append(self._sample(a, now))
-        self._changed(a)
+        self._changed(a, beat_only=steady)
         return None
 
     def _set_ollama(self, a: AgentRecord, up: bool) -> None:
@@ -378,6 +388,7 @@ class Registry:
     def delete(self, node: str) -> None:
         a = self.agents.pop(node)
         self._dirty.discard(node)
+        self._beats.discard(node)
         self._dirty_gpus.discard(node)
         self._dirty_models.discard(node)
         self._deleted.append(node)

@@ -61,6 +61,12 @@ def apply_batch(batch: Batch) -> int:
         for rows in _chunks(batch.agents):
             Agent.insert_many(rows).on_conflict(conflict_target=[Agent.node_id], preserve=preserve).execute()
             written += len(rows)
+        if batch.beats:
+            # executemany on the driver's cursor: no per-row query building while holding the GIL
+            p = db.obj.param
+            sql = f"UPDATE agent SET last_seen = {p}, metrics = {p} WHERE node_id = {p}"
+            db.obj.cursor().executemany(sql, batch.beats)
+            written += len(batch.beats)
         for model, sets in ((Gpu, batch.gpus), (InstalledModel, batch.models)):
             if not sets:
                 continue
