@@ -20,7 +20,9 @@ def soft(fn: Callable[[], Any], default: Any = None) -> Any:
 
 def ip_addresses() -> list[str]:
     """Non-loopback IPv4/IPv6 addresses, IPv4 first; loopback only when there is nothing else."""
-    v4, v6, lo = [], [], []
+    v4: list[str] = []
+    v6: list[str] = []
+    lo: list[str] = []
     for name, addrs in psutil.net_if_addrs().items():
         for a in addrs:
             if a.family == socket.AF_INET:

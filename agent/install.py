@@ -27,10 +27,11 @@ import tarfile
 import time
 import urllib.request
 import zipfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO, Any, Awaitable, Callable
+from typing import IO, Any
 
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -46,7 +47,6 @@ log = logging.getLogger("fleet.agent.install")
 # module level so tests can shrink them
 CONNECT_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0  # a transfer that stalls this long counts as a timeout and is retried
-CHUNK = 256 * 1024
 SLEEP: Callable[[float], Awaitable[None]] = asyncio.sleep  # tenacity's sleep between retries
 ZSTD_TOOL = "zstd"  # fallback decompressor for .tar.zst when the `zstandard` package is absent
 ZST_SINCE = (0, 14, 0)  # first release whose Linux archives are .tar.zst
@@ -84,6 +84,10 @@ def is_retryable(exc: BaseException) -> bool:
         # a CONNECT refused with 4xx (407: bad or missing proxy credentials) will not get better
         m = re.match(r"\s*(\d{3})\b", str(exc))
         return not (m and 400 <= int(m.group(1)) < 500)
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return False
+    if isinstance(exc, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return False  # a TLS trust problem (or interception) needs the operator, not another try
     if isinstance(exc, (httpx.TimeoutException, httpx.TransportError, IncompleteBody)):
         return True
     return False
@@ -197,7 +201,7 @@ def proxy_in_use(url: str) -> str | None:
     """For the log: which proxy the environment routes this URL through (credentials hidden)."""
     host = httpx.URL(url).host
     proxies = urllib.request.getproxies()
-    if urllib.request.proxy_bypass_environment(host, proxies):
+    if urllib.request.proxy_bypass_environment(host, proxies):  # type: ignore[attr-defined]
         return None
     scheme = httpx.URL(url).scheme
     chosen = proxies.get(scheme) or proxies.get("all")
@@ -225,7 +229,7 @@ class Downloader:
             wait = float(state.next_action.sleep)
             self.waits.append(wait)
             exc = state.outcome.exception()
-            log.warning("download failed (%s); retry %d/%d in %.1f s", _describe(exc),
+            log.warning("download failed (%s); retry %d/%d in %.3g s", _describe(exc),
                         state.attempt_number, self.retries, wait)
             if self.on_retry:
                 self.on_retry(exc, wait, state.attempt_number)
@@ -303,7 +307,7 @@ class Downloader:
                 progress(done, total)
             try:
                 with open(partial, mode) as f:
-                    async for chunk in resp.aiter_raw(CHUNK):
+                    async for chunk in resp.aiter_raw():  # as received: a chunker would lose bytes on a drop
                         f.write(chunk)
                         done += len(chunk)
                         if progress:
@@ -360,8 +364,7 @@ def parse_sha256sums(text: str, asset: str) -> str | None:
         if len(parts) < 2 or not re.fullmatch(r"[0-9a-fA-F]{64}", parts[0]):
             continue
         name = parts[-1].lstrip("*")
-        if name.startswith("./"):
-            name = name[2:]
+        name = name.removeprefix("./")
         if name == asset or name.rsplit("/", 1)[-1] == asset:
             return parts[0].lower()
     return None
@@ -385,7 +388,7 @@ def _extract_tar_stream(fileobj: IO[bytes], dest: Path) -> None:
 
 def _extract_zst(archive: Path, dest: Path) -> None:
     try:
-        import zstandard  # type: ignore[import-not-found]
+        import zstandard
     except ImportError:
         zstandard = None
     if zstandard is not None:
@@ -394,7 +397,8 @@ def _extract_zst(archive: Path, dest: Path) -> None:
         return
     tool = shutil.which(ZSTD_TOOL)
     if tool is None:
-        raise InstallError(f"{archive.name} is zstd-compressed: install the `zstd` tool (apt-get install zstd) "
+        raise InstallError(f"{archive.name} is zstd-compressed: install the `zstd` tool "
+                           "(apt-get install zstd) "
                            "or the Python package `zstandard`, or set ollama_asset to a .tgz release")
     proc = subprocess.Popen([tool, "-dcq", str(archive)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -470,7 +474,7 @@ async def install(release: Release, root: Path, reporter: Reporter | None = None
     dl = Downloader(client, retries, backoff, backoff_max,
                     on_retry=lambda exc, wait, n: rep.event(
                         "ollama_download_retry", "warning",
-                        f"Ollama download failed ({_describe(exc)}); retry {n} of {retries} in {wait:.0f} s",
+                        f"Ollama download failed ({_describe(exc)}); retry {n} of {retries} in {wait:.3g} s",
                         attempt=n, wait=wait))
     try:
         via = proxy_in_use(release.url)
@@ -481,8 +485,9 @@ async def install(release: Release, root: Path, reporter: Reporter | None = None
         if expected is None:
             if not release.allow_unverified:
                 raise ChecksumError(
-                    f"no checksum for {release.asset}: {redact_url(release.checksum_url) or 'no checksum URL'} "
-                    "does not list it. Set ollama_sha256, or ollama_allow_unverified=true to install unverified")
+                    f"no checksum for {release.asset}: "
+                    f"{redact_url(release.checksum_url) or 'no checksum URL'} does not list it. "
+                    "Set ollama_sha256, or ollama_allow_unverified=true to install unverified")
             rep.event("ollama_unverified", "warning",
                       f"INSTALLING UNVERIFIED Ollama {release.version}: no checksum published for "
                       f"{release.asset} (ollama_allow_unverified is set)")
@@ -491,7 +496,7 @@ async def install(release: Release, root: Path, reporter: Reporter | None = None
                 rep.phase("downloading")
                 meter = Meter()
 
-                def on_bytes(completed: int, total: int | None) -> None:
+                def on_bytes(completed: int, total: int | None, meter: Meter = meter) -> None:
                     meter.update(completed, total)
                     rep.progress(meter)
 

@@ -11,7 +11,8 @@ import collections
 import logging
 import sys
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from fleet.protocol import PROTO
 
@@ -37,9 +38,13 @@ class Meter:
         self.clock = clock
         self.started = clock()
         self._samples: collections.deque[tuple[float, int]] = collections.deque([(self.started, completed)])
+        self._updated = False
 
     def update(self, completed: int, total: int | None = None) -> None:
         now = self.clock()
+        if not self._updated:  # a resumed download starts at its offset: that is not speed
+            self._updated = True
+            self._samples = collections.deque([(now, completed)])
         self.completed = completed
         if total is not None:
             self.total = total
@@ -164,7 +169,8 @@ class JobStatus:
         self.status = "in_progress"
         self.phase: str | None = None
         self.error: str | None = None
-        self._figures: dict[str, Any] = {"progress": 0.0, "completed": 0, "total": None, "speed": 0.0, "eta": None}
+        self._figures: dict[str, Any] = {"progress": 0.0, "completed": 0, "total": None, "speed": 0.0,
+                                         "eta": None}
         self._last_sent = float("-inf")
         self._dirty = True
 
@@ -191,10 +197,8 @@ class JobStatus:
         """Record new figures; sent now only if JOB_MIN_INTERVAL has passed since the last one."""
         if meter is not None:
             self._figures = meter.figures()
-        if phase is not None and phase != self.phase:
-            self.phase = phase
-            self._send()  # a phase change is news: send at once
-            return
+        if phase is not None:
+            self.phase = phase  # also throttled: keepalive() sends it within JOB_MIN_INTERVAL
         self._dirty = True
         if self.clock() - self._last_sent >= JOB_MIN_INTERVAL:
             self._send()

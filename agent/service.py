@@ -25,6 +25,8 @@ from fleet.settings import Config, ConfigError
 
 from . import collect
 from .gpu import Gpus
+from .jobs import JOB_VERBS, JobRunner
+from .manager import OllamaManager
 from .ollama import OllamaClient, OllamaStatus
 
 log = logging.getLogger("fleet.agent")
@@ -43,9 +45,14 @@ def default_node_id(ollama_url: str, hostname: str | None = None) -> str:
 class Agent:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.node_id = cfg.node_id or default_node_id(cfg.ollama_url)
+        # the shipped ACL lets MQTT user X write only fleet/v1/nodes/X/#: the username is the best default
+        username = fmqtt.BrokerAddress.from_config(cfg).username
+        self.node_id = cfg.node_id or username or default_node_id(cfg.ollama_url)
         if not NODE_ID_RE.match(self.node_id):
             raise ConfigError(f"node_id {self.node_id!r} must match {NODE_ID_RE.pattern}")
+        if username and username != self.node_id:
+            log.warning("node id %r differs from MQTT username %r: with the shipped ACL every publish "
+                        "will be denied", self.node_id, username)
         self.topics = Topics(cfg.topic_prefix)
         self.interval = float(cfg.heartbeat_interval)
         self.ollama = OllamaClient(cfg.ollama_url, cfg.ollama_timeout)
@@ -64,14 +71,19 @@ class Agent:
         }
         self.extra_heartbeat: dict[str, Callable[[], Any]] = {}  # other modules add fields here
         self._published: dict[str, str] = {}  # snapshot kind -> last content, to publish only on change
+        self._last_models: list[dict[str, Any]] = []
         self._stop = asyncio.Event()
         self._pause = 0.0
+        self.wake = asyncio.Event()  # set to send a heartbeat (and changed snapshots) now
+        self.manager = OllamaManager(cfg, self)  # detect/install/supervise Ollama; detect-only unless asked
+        self.jobs = JobRunner(self)  # model.pull / model.delete / job.cancel (adds its handlers)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         log.info("agent %s starting (ollama %s, broker %r)", self.node_id, self.cfg.ollama_url,
                  fmqtt.BrokerAddress.from_config(self.cfg))
         attempt = 0
+        self.manager.start()  # before connecting: an install must not wait for the broker
         try:
             while not self._stop.is_set():
                 try:
@@ -85,6 +97,8 @@ class Agent:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
         finally:
+            await self.jobs.stop()
+            await self.manager.stop()  # terminates a child `ollama serve`: it must not outlive the agent
             await self.ollama.aclose()
             self.gpus.close()
 
@@ -99,6 +113,7 @@ class Agent:
         async with aiomqtt.Client(**kwargs) as client:
             self.client = client
             self._published.clear()
+            self.seq = 0  # heartbeats count 1, 2, ... within each session; the birth is 0
             for topic in self.topics.agent_subscriptions(self.node_id):
                 await client.subscribe(topic, qos=1)
             await self._refresh()
@@ -143,17 +158,20 @@ class Agent:
         facts.pop("disk_free", None)  # changes constantly: it travels in heartbeats
         s = self.status
         return {
-            "info": {**facts, "agent_version": __version__,
-                     "ollama": {"url": self.cfg.ollama_url, "version": s.version, "up": s.up, "error": s.error}},
+            "info": {**facts, "agent_version": __version__, **self.jobs.info(),
+                     "ollama": {"url": self.cfg.ollama_url, "advertise_url": self.cfg.advertise_url or None,
+                                "version": s.version, "up": s.up, "error": s.error,
+                                **self.manager.info()}},
             "gpus": {"gpus": self.gpus.inventory()},
-            "models": {"models": s.models if s.up else self._last_list("models")},
+            "models": {"models": self._models()},
             "running": {"models": s.loaded},
         }
 
-    def _last_list(self, kind: str) -> list[Any]:
-        # Ollama down does not uninstall models: keep the last list rather than announce none
-        last = self._published.get(kind)
-        return json.loads(last)["models"] if last else []
+    def _models(self) -> list[dict[str, Any]]:
+        # Ollama down does not uninstall models: keep announcing the last list we saw, across reconnects
+        if self.status.up:
+            self._last_models = self.status.models
+        return self._last_models
 
     async def _publish_snapshots(self, force: bool = False) -> None:
         for kind, body in self.snapshots().items():
@@ -177,7 +195,7 @@ class Agent:
             **collect.load_figures(),
             "disk_free": disk.free if disk else None,
             "gpus": collect.soft(self.gpus.metrics, []),
-            "ollama": {"up": self.status.up},
+            "ollama": {"up": self.status.up, **self.manager.heartbeat()},
             "loaded": [m["name"] for m in self.status.loaded],
         }
         for key, fn in self.extra_heartbeat.items():
@@ -187,11 +205,15 @@ class Agent:
     async def _heartbeats(self) -> None:
         next_at = time.monotonic()
         while True:
+            self.wake.clear()
             await self._refresh()
             await self._publish("heartbeat", self.heartbeat(), properties=fmqtt.expiry(self.cfg, 3 * self.interval))
             await self._publish_snapshots()
             next_at += self.interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            with contextlib.suppress(asyncio.TimeoutError):  # woken early by an Ollama state change
+                await asyncio.wait_for(self.wake.wait(), max(0.0, next_at - time.monotonic()))
+            if self.wake.is_set():
+                next_at -= self.interval  # an extra beat: keep the regular schedule
 
     # ---- commands --------------------------------------------------------------------------
     async def _commands(self) -> None:
@@ -200,12 +222,17 @@ class Agent:
             topic = str(message.topic)
             try:
                 if topic == self.topics.controller_status:
-                    await self._on_controller_status(message.payload)
+                    await self._on_controller_status(message.payload, message.retain)
                     continue
                 _, verb = self.topics.parse_cmd_topic(topic)
-                doc = json.loads(message.payload) if message.payload else {}
+                if message.retain or not message.payload:
+                    # commands are never retained: a stale retained one (or its clearing) must not replay
+                    raise ProtocolError("retained_or_empty", "ignored")
+                doc = json.loads(message.payload)
                 if not isinstance(doc, dict):
                     raise ProtocolError("bad_payload", "not a JSON object")
+                if doc.get("v", PROTO) != PROTO and verb not in JOB_VERBS:  # job verbs answer `rejected`
+                    raise ProtocolError("unsupported_version", f"v={doc.get('v')!r}")
                 handler = self.handlers.get(verb)
                 if handler is None:
                     raise ProtocolError("unknown_verb", verb)
@@ -217,21 +244,25 @@ class Agent:
             except Exception:  # a handler bug must not take the connection down
                 log.exception("command on %s failed", topic)
 
-    async def _on_controller_status(self, payload: Any) -> None:
+    async def _on_controller_status(self, payload: Any, retained: bool) -> None:
         try:
             doc = json.loads(payload)
         except (ValueError, TypeError):
             return
         if isinstance(doc, dict) and doc.get("online") and doc.get("instance") != self.controller_instance:
-            # a (re)started controller: give it our full picture at once (HA/Sparkplug pattern)
             self.controller_instance = doc.get("instance")
-            await self._publish_birth()
+            if not retained:  # a retained status predates our connection: the birth we just sent covers it
+                # a (re)started controller: give it our full picture at once (HA/Sparkplug pattern)
+                await self._publish_birth()
 
     async def _cmd_rebirth(self, doc: dict[str, Any]) -> None:
         await self._publish_birth()
 
     async def _cmd_disconnect(self, doc: dict[str, Any]) -> None:
-        self._pause = float(doc.get("pause_s") or DISCONNECT_PAUSE)
+        pause = doc.get("pause_s", DISCONNECT_PAUSE)
+        if isinstance(pause, bool) or not isinstance(pause, (int, float)) or not 0 < pause <= 86400:
+            raise ProtocolError("bad_payload", "pause_s must be a number of seconds in (0, 86400]")
+        self._pause = float(pause)
         log.warning("controller asked us to disconnect for %.0f s", self._pause)
         raise _Leave()
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from sanic import Sanic
 from sanic_ext import Extend
@@ -18,6 +18,7 @@ from fleet.settings import Config
 from . import db as dbm
 from .hub import Hub
 from .ingest import Ingest
+from .proxy import Proxy
 from .registry import Registry
 from .store import Store, load_registry, prune
 
@@ -26,6 +27,7 @@ log = logging.getLogger("fleet.controller")
 STALE_CHECK_EVERY = 0.25  # seconds; cheap (a scan of the in-memory registry)
 PRUNE_EVERY = 600.0
 TRIAL_PORT = 1883
+GOODBYE_TIMEOUT = 2.0  # seconds for the retained "controller offline" publish at shutdown
 
 
 class Fleet:
@@ -37,6 +39,7 @@ class Fleet:
         self.registry = Registry(self.hub, float(cfg.stale_after), float(cfg.metrics_sample_interval))
         self.ingest = Ingest(cfg, self.registry)
         self.store: Store | None = None
+        self.proxy = Proxy(cfg, self.registry)
         self.broker: Any = None  # trial broker, when we started one
         self.local_agent: Any = None
         self.started = time.time()
@@ -56,6 +59,7 @@ class Fleet:
         url = cfg.database_url or dbm.default_url(cfg.data_path)
         self.store = Store(url)
         self.registry.load(*await self.store.read(load_registry))
+        await self.proxy.start(self.store)
         log.info("registry loaded: %d agents from %s", len(self.registry.agents), url.split("://")[0])
         self._tasks = [
             asyncio.create_task(self.ingest.run(), name="fleet-ingest"),
@@ -70,19 +74,40 @@ class Fleet:
             self._tasks.append(asyncio.create_task(self.local_agent.run(), name="fleet-local-agent"))
 
     async def stop(self) -> None:
+        """Persist first, say goodbye second: a slow broker must not cost registry rows (a supervisor
+        that loses patience SIGKILLs us). Every step runs even if an earlier one failed."""
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("local agent", self._stop_local_agent),
+            ("registry flush", self._flush_now),
+            ("proxy", self.proxy.stop),  # flushes the request log before the store closes
+            ("mqtt goodbye", lambda: asyncio.wait_for(self.ingest.stop(), GOODBYE_TIMEOUT)),
+            ("tasks", self._cancel_tasks),
+            ("final flush", self._flush_now),
+        ]
+        for name, step in steps:
+            try:
+                await step()
+            except Exception:
+                log.exception("shutdown step %r failed", name)
+        if self.store is not None:
+            self.store.close()
+        if self.broker is not None:
+            await self.broker.close()
+
+    async def _stop_local_agent(self) -> None:
         if self.local_agent is not None:
             self.local_agent.stop()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._tasks[-1]), 5)
-        await self.ingest.stop()
+
+    async def _flush_now(self) -> None:
+        if self.store is not None:
+            await self.store.flush(self.registry.drain())
+
+    async def _cancel_tasks(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.store is not None:
-            await self.store.flush(self.registry.drain())
-            self.store.close()
-        if self.broker is not None:
-            await self.broker.close()
 
     async def _flusher(self) -> None:
         assert self.store is not None
@@ -96,7 +121,10 @@ class Fleet:
     async def _stale_checker(self) -> None:
         while True:
             await asyncio.sleep(STALE_CHECK_EVERY)
-            self.registry.check_stale()
+            try:
+                self.registry.check_stale()
+            except Exception:  # one bad listener must not end liveness checking
+                log.exception("stale check failed")
 
     async def _pruner(self) -> None:
         assert self.store is not None
@@ -133,9 +161,12 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     fleet = Fleet(cfg)
     app.ctx.fleet = fleet
 
-    from . import api_agents
+    from . import api_agents, api_proxy, api_requests, api_unsupported
 
     app.blueprint(api_agents.bp)
+    app.blueprint(api_proxy.bp)
+    app.blueprint(api_requests.bp)
+    app.blueprint(api_unsupported.bp)  # /api/blobs only
 
     @app.before_server_start
     async def _start(app: Sanic) -> None:
@@ -145,4 +176,10 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     async def _stop(app: Sanic) -> None:
         await fleet.stop()
 
+    from . import distribution
+
+    distribution.install(app)  # jobs, distribution, /api/models, /api/tasks, Ollama /api/pull etc.; after _start
+    from . import dashboard
+
+    dashboard.install(app)  # /dashboard: pages, SSE stream, login; its stop hook ends open streams first
     return app

@@ -60,14 +60,14 @@ class Agent(Base):
 
 class Gpu(Base):
     node_id = pw.CharField(max_length=63)
-    index = pw.IntegerField()
+    gpu_index = pw.IntegerField(column_name="index")  # `index` would shadow Model.index()
     uuid = pw.CharField(null=True)
     name = pw.CharField(default="")
     mem_total = pw.BigIntegerField(null=True)
     driver = pw.CharField(null=True)
 
     class Meta:
-        indexes = ((("node_id", "index"), True),)
+        indexes = ((("node_id", "gpu_index"), True),)
 
 
 class InstalledModel(Base):

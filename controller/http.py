@@ -29,7 +29,11 @@ def require_admin(handler: Handler) -> Handler:
     async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse:
         token = request.app.ctx.fleet.cfg.admin_token
         if token and not hmac.compare_digest(bearer(request).encode(), token.encode()):
-            return error(401, "unauthorized: this endpoint needs `Authorization: Bearer <admin token>`")
+            from .auth_web import session_denial  # a dashboard session (cookie + CSRF token) also authorises
+
+            denied = session_denial(request)
+            if denied is not None:
+                return denied
         return await handler(request, *args, **kwargs)
 
     return wrapper

@@ -42,6 +42,7 @@ class Ingest:
         self.commands: dict[str, ControllerCommand] = {}  # fleet-level verbs (cmd/_controller/<verb>)
         self._pending: dict[str, dict[str, dict[str, Any]]] = {}  # snapshots seen before their node's state
         self._last_log: dict[str, float] = {}
+        self._rebirth_asked: dict[str, float] = {}
         self._last_event: dict[str, float] = {}
         self._handlers = {
             "state": registry.on_state, "heartbeat": registry.on_heartbeat, "info": registry.on_info,
@@ -120,15 +121,19 @@ class Ingest:
         self.counters[f"ignored.{why}"] += 1
         if why == "unknown_agent" and kind in RETAINED_KINDS:
             self._pending.setdefault(node, {})[kind] = doc  # replayed when its state arrives
-        elif why == "stale_session" and kind == "heartbeat":
+        elif kind == "heartbeat":
             self._ask_rebirth(node)
 
     def _ask_rebirth(self, node: str) -> None:
+        """A live agent we have no birth for (missed, or the broker lost its retained state): ask again.
+
+        Not for agents an operator deleted or forced offline: they come back only by re-announcing."""
         a = self.registry.agents.get(node)
         now = time.time()
-        if a is None or a.forced_offline or now - a.rebirth_asked < REBIRTH_EVERY or self.client is None:
+        if (a is not None and a.forced_offline) or node in self.registry.deleted or self.client is None \
+                or now - self._rebirth_asked.get(node, 0.0) < REBIRTH_EVERY:
             return
-        a.rebirth_asked = now
+        self._rebirth_asked[node] = now
         self.counters["rebirth_requests"] += 1
         asyncio.get_running_loop().create_task(self.publish_command(node, "agent.rebirth", {}))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .hub import Hub
+from .reach import effective_url
 
 UP_STATES = ("online",)
 _META = ("v", "session", "ts")
@@ -46,7 +47,6 @@ class AgentRecord:
     errors_total: int = 0
     latency_sum: float = 0.0
     last_sample: float = 0.0
-    rebirth_asked: float = 0.0
 
     @property
     def name(self) -> str:
@@ -141,6 +141,7 @@ class Registry:
         self.stale_after = stale_after
         self.sample_interval = sample_interval
         self.agents: dict[str, AgentRecord] = {}
+        self.deleted: set[str] = set()  # deleted by an operator in this run: no rebirth requests for them
         self._dirty: set[str] = set()
         self._beats: set[str] = set()  # only last_seen + metrics changed: a narrow, cheap UPDATE
         self._dirty_gpus: set[str] = set()
@@ -212,6 +213,9 @@ class Registry:
         state, session = doc["state"], doc["session"]
         a = self.agents.get(node)
         if a is None:
+            if state != "online" and node in self.deleted:
+                return "deleted"  # a deleted agent saying goodbye: do not bring it back
+            self.deleted.discard(node)
             a = self.agents[node] = AgentRecord(node_id=node, first_seen=now, last_seen=now, state=state,
                                                 session=session)
             if state == "online":
@@ -298,7 +302,7 @@ class Registry:
         a.hostname = str(doc.get("hostname") or "")
         a.agent_version = doc.get("agent_version") or a.agent_version
         ollama = doc["ollama"]
-        a.ollama_url = str(ollama.get("url") or "")
+        a.ollama_url = effective_url(str(ollama.get("url") or ""), a.info.get("ips") or [], ollama.get("advertise_url"))
         a.ollama_version = ollama.get("version") or a.ollama_version
         if isinstance(ollama.get("up"), bool):
             self._set_ollama(a, ollama["up"])
@@ -350,7 +354,7 @@ class Registry:
     def on_event(self, node: str, doc: dict[str, Any]) -> str | None:
         if node not in self.agents:
             return "unknown_agent"
-        level = doc.get("level") if doc.get("level") in ("info", "warning", "error") else "info"
+        level = str(doc.get("level")) if doc.get("level") in ("info", "warning", "error") else "info"
         self.event(str(doc["event"])[:32], node, str(doc.get("message") or doc["event"])[:500], level)
         return None
 
@@ -387,6 +391,7 @@ class Registry:
 
     def delete(self, node: str) -> None:
         a = self.agents.pop(node)
+        self.deleted.add(node)
         self._dirty.discard(node)
         self._beats.discard(node)
         self._dirty_gpus.discard(node)

@@ -35,9 +35,13 @@ class Store:
         return await self._run(self._writer, fn, *args)
 
     async def flush(self, batch: Batch) -> None:
+        """Write `batch`; also a barrier: returns only after every earlier write has finished, so a
+        reader that flushes first sees what a concurrent periodic flush was still writing."""
         if batch:
             self.rows_written += await self.write(apply_batch, batch)
             self.flushes += 1
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._writer, lambda: None)
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -72,7 +76,7 @@ def apply_batch(batch: Batch) -> int:
                 continue
             model.delete().where(model.node_id.in_(list(sets))).execute()
             fields = {f.name for f in model._meta.sorted_fields} - {"id"}
-            rows = [{k: v for k, v in {**item, "node_id": node}.items() if k in fields}
+            rows = [{k: v for k, v in {**item, "node_id": node, "gpu_index": item.get("index")}.items() if k in fields}
                     for node, items in sets.items() for item in items]
             for chunk in _chunks(rows):
                 model.insert_many(chunk).execute()
@@ -85,7 +89,8 @@ def apply_batch(batch: Batch) -> int:
 
 
 def load_registry() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    return (list(Agent.select().dicts()), list(Gpu.select().dicts()), list(InstalledModel.select().dicts()))
+    gpus = [{**{k: v for k, v in g.items() if k != "gpu_index"}, "index": g["gpu_index"]} for g in Gpu.select().dicts()]
+    return list(Agent.select().dicts()), gpus, list(InstalledModel.select().dicts())
 
 
 def prune(metrics_before: float, events_before: float) -> int:

@@ -19,6 +19,24 @@ log = logging.getLogger("fleet")
 # Subcommands that other modules add (e.g. `fleet keys`), name -> (help, configure(parser), run(args))
 EXTRA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
+from controller import keys_cli  # noqa: E402  (light: imports the database layer only when run)
+
+EXTRA_COMMANDS["keys"] = (keys_cli.HELP, keys_cli.configure, keys_cli.run)
+
+
+def _service_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("service_args", nargs=argparse.REMAINDER, help="`install [--user U] [--unit-dir D]` or `print`")
+
+
+def _service_run(args: argparse.Namespace) -> int:
+    from agent.service_install import main as service_main
+
+    return service_main(args.service_args)
+
+
+EXTRA_COMMANDS["agent-service"] = ("Install the agent as a systemd service (restart on failure).",
+                                   _service_args, _service_run)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleet", description="ollama-fleet: one endpoint and one dashboard "

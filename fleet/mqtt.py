@@ -99,7 +99,7 @@ def direct_dispatch(client: aiomqtt.Client, handler: Callable[[str, bytes], None
     `client.messages` still raises MqttError on disconnect, so it stays the connection watcher.
     """
     paho = client._client
-    paho.on_message = lambda _c, _u, msg: handler(msg.topic, msg.payload)
+    paho.on_message = lambda _c, _u, msg: handler(msg.topic, bytes(msg.payload))
     sock = paho.socket()
     if sock is None:
         raise aiomqtt.MqttError("not connected")

@@ -67,16 +67,44 @@ SETTINGS: tuple[Setting, ...] = (
     _s("metrics_retention_hours", float, 24.0, "Hours of metric history kept.", C),
     _s("event_retention_days", float, 30.0, "Days of event log kept.", C),
     _s("max_payload_bytes", int, 65536, "MQTT payloads larger than this are dropped and counted.", C),
-    _s("admin_token", str, "", "When set, management endpoints need `Authorization: Bearer <token>`.",
+    _s("admin_token", str, "", "When set, management endpoints need `Authorization: Bearer <token>` and the "
+       "dashboard asks for it at login (docs/dashboard.md).",
        C, secret=True),
     _s("local_agent", bool, True, "`fleet up` only: also run an agent for the local Ollama.", C),
+    # --- controller: proxy ---
+    _s("routing_strategy", str, "least_busy", "How the proxy picks an agent among those with the model: "
+       "`round_robin`, `least_busy` or `metrics` (docs/proxy.md). Agent tag `weight=N` weighs an agent.", C,
+       choices=("round_robin", "least_busy", "metrics")),
+    _s("proxy_connect_timeout", float, 3.0, "Seconds to connect to an agent's Ollama before failing over.", C),
+    _s("proxy_read_timeout", float, 900.0, "Seconds the proxy waits for the next byte from Ollama (model "
+       "loads and long non-streamed generations are slow to answer).", C),
+    _s("proxy_max_attempts", int, 3, "Agents tried per request before giving up (failover happens only "
+       "before the first byte reaches the client).", C),
+    _s("proxy_cooldown", float, 5.0, "Seconds an agent that just failed is tried only as a last resort.", C),
+    _s("request_log_retention_days", float, 7.0, "Days of request log kept.", C),
+    # --- controller: model distribution (docs/distribution.md) ---
+    _s("auto_distribute", bool, True, "Pull the models of an agent's memory tier (`model_tiers_file`) onto it "
+       "when it first registers. On by default, as the seed describes: a new 24 GB GPU pulls gpt-oss:20b (~14 GB).",
+       C),
+    _s("max_concurrent_pulls", int, 10, "Fleet-wide cap on model pulls running at once; more are held as "
+       "`pending` and dispatched when a slot frees.", C),
+    _s("job_step_timeout", float, 120.0, "Seconds a dispatched job may go without a status update before it "
+       "fails with `timed_out` (agents report at least every 5 s while working).", C),
+    _s("models_catalogue_file", str, "", "JSON catalogue of models offered by `GET /api/models/available` "
+       "(default: the shipped `controller/catalogue.json`).", C),
     # --- agent ---
     _s("node_id", str, "", "Agent identity (default: hostname + Ollama port). One agent per Ollama.", A),
     _s("ollama_url", str, "http://127.0.0.1:11434", "The Ollama this agent reports on and manages.", A),
     _s("heartbeat_interval", float, 5.0, "Seconds between heartbeats.", A),
     _s("ollama_timeout", float, 2.0, "Seconds before an Ollama probe counts as down (hung).", A),
+    _s("advertise_url", str, "", "URL the controller uses to reach this Ollama (default: ollama_url; a loopback "
+       "host is replaced by this machine's LAN address unless the controller runs on the same machine).", A),
     _s("models_dir", str, "", "Where Ollama keeps models, for the disk-free figure "
        "(default: `$OLLAMA_MODELS` or `~/.ollama/models`).", A),
+    _s("pull_concurrency", int, 1, "Model pulls this agent runs at once; more wait as `pending`.", A),
+    _s("gpu_mem_override", float, 0.0, "GB of GPU memory the controller assumes for this node when it picks "
+       "models automatically, instead of what NVML reports (GPUs NVML cannot see, Apple unified memory; tests). "
+       "0 = off.", A),
     # --- agent: Ollama management ---
     _s("install_ollama", bool, False, "Download, verify and install Ollama into `ollama_install_dir` when none "
        "is found, then run and supervise it.", A),

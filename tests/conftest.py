@@ -52,8 +52,9 @@ class FleetFactory:
         self._n = 0
 
     def controller(self, **env: str) -> Controller:
-        c = Controller(self.tmp, self.broker.url("controller"), {k.upper(): v for k, v in env.items()})
-        self._procs.append(c)
+        c = Controller(self.tmp, self.broker.url("controller"), {k.upper(): v for k, v in env.items()}, wait=False)
+        self._procs.append(c)  # tracked before waiting: a controller that fails to start is still stopped
+        c.wait_ready()
         return c
 
     def credentials(self, node_id: str) -> str:

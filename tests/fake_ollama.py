@@ -1428,7 +1428,7 @@ class FakeOllama:
 def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """Pre-bound listening socket (Sanic's port=0 silently means 8000)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(1024)

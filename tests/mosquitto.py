@@ -238,7 +238,7 @@ class MosquittoProcess:
 
 
 def start_mosquitto(
-    tmp_dir: Path, users: dict[str, str] | None = None, anonymous: bool = False
+    tmp_dir: Path, users: dict[str, str] | None = None, anonymous: bool = False, port: int | None = None
 ) -> MosquittoProcess:
     """Start mosquitto with the shipped config on a free loopback port and wait until it serves MQTT.
 
@@ -261,8 +261,9 @@ def start_mosquitto(
     (tmp_dir / "fleet.acl").write_text(ANON_ACL_HEADER + acl if anonymous else acl)
 
     last_error = ""
+    fixed = port  # a fixed port: restarting "the same" broker
     for _ in range(3):  # a free port can be grabbed by someone else before mosquitto binds it
-        port = free_loopback_port()
+        port = fixed or free_loopback_port()
         (tmp_dir / "mosquitto.conf").write_text(
             render_conf(SHIPPED_CONF.read_text(), port, tmp_dir, anonymous)
         )

@@ -91,17 +91,20 @@ class Proc:
 
 
 class Controller(Proc):
-    def __init__(self, tmp: Path, mqtt_url: str, extra: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, mqtt_url: str, extra: dict[str, str] | None = None, wait: bool = True) -> None:
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
             "FLEET_MQTT_URL": mqtt_url, "FLEET_PORT": str(self.port), "FLEET_DATA_DIR": str(tmp),
             "FLEET_MQTT_KEEPALIVE": str(TEST_KEEPALIVE), "FLEET_FLUSH_INTERVAL": "0.2",
-            "FLEET_LOG_LEVEL": "DEBUG" if os.environ.get("FLEET_TEST_DEBUG") else "INFO", **(extra or {}),
+            "FLEET_LOG_LEVEL": "DEBUG" if os.environ.get("FLEET_TEST_DEBUG") else "INFO",
+            "FLEET_AUTO_DISTRIBUTE": "0",  # no surprise pulls onto other tests' fakes; distribution tests turn it on
+            **(extra or {}),
         }
         super().__init__(["controller"], env, tmp / f"controller-{self.port}.log")
         self.http = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         def ready() -> bool:

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from fleet import __version__, settings
-from fleet.cli import _parser
+from fleet.cli import EXTRA_COMMANDS, _parser
 from fleet.settings import AGENT, CONTROLLER, ConfigError
 from tests.support import ROOT, Proc, wait_until
 from broker.local import free_loopback_port
@@ -23,7 +23,7 @@ def run_fleet(*args: str, env: dict[str, str] | None = None) -> subprocess.Compl
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=60)
 
 
-@pytest.mark.parametrize("command", ["up", "controller", "agent", "broker", "settings"])
+@pytest.mark.parametrize("command", ["up", "controller", "agent", "broker", "settings", *EXTRA_COMMANDS])
 def test_every_command_has_help_and_version(command):
     helped = run_fleet(command, "--help")
     assert helped.returncode == 0 and "usage: fleet" in helped.stdout

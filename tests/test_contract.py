@@ -53,7 +53,7 @@ KIND_SCHEMA = {
 }
 OTHER_SCHEMAS = {"command.json", "controller-status.json"}
 SNAPSHOTS = ("info", "gpus", "models", "running")  # what the agent publishes after every birth, in order
-VERBS = ("agent.rebirth", "agent.disconnect", "model.pull", "model.delete", "job.cancel")
+VERBS = ("agent.rebirth", "agent.disconnect", "model.pull", "model.delete", "job.cancel", "distribute")
 NODE = "gpu-01"
 MAX = 65536
 TOPICS = Topics()
@@ -152,11 +152,13 @@ def test_command_schema_has_every_verb_and_examples_match_them() -> None:
         "agent.rebirth": {"v": 1}, "agent.disconnect": {"v": 1, "pause_s": 60},
         "model.pull": {"v": 1, "model": "llama3.1:8b"}, "model.delete": {"v": 1, "model": "llama3.1:8b"},
         "job.cancel": {"v": 1, "job_id": "op-1"},
+        "distribute": {"v": 1, "model_name": "llama3.1:8b", "target": "specific", "agent_ids": ["gpu-01"]},
     }
     bad = {
         "agent.rebirth": {"v": 2}, "agent.disconnect": {"v": 1, "pause_s": 0},
         "model.pull": {"v": 1, "job_id": "op-1"}, "model.delete": {"v": 1, "model": ""},
         "job.cancel": {"v": 1},
+        "distribute": {"v": 1, "model_name": "llama3.1:8b", "target": "some"},
     }
     for verb in VERBS:
         assert_valid("command.json", good[verb], verb)

@@ -250,3 +250,42 @@ def test_unknown_agent_is_404_in_error_shape(fleet, path):
     c = fleet.controller()
     r = c.http.get(path)
     assert r.status_code == 404 and "ghost" in r.json()["error"]
+
+
+def test_deleted_live_agent_stays_deleted_until_it_reannounces(fleet):
+    c = fleet.controller()
+    agent = fleet.agent("node-zombie")
+    c.wait_agent("node-zombie", status="online")
+    assert c.http.delete("/api/agents/node-zombie").status_code == 200
+    # its heartbeats keep arriving (counted as unknown) but do not resurrect it
+    seen = c.http.get("/api/ingest").json()["counters"].get("ignored.unknown_agent", 0)
+    wait_until(lambda: c.http.get("/api/ingest").json()["counters"].get("ignored.unknown_agent", 0) > seen + 2)
+    assert c.agent("node-zombie") is None
+    assert agent.stop() == 0  # a clean stop of a deleted agent is no reason to list it again
+    agent.start()
+    c.wait_agent("node-zombie", status="online")  # a fresh birth is
+
+
+def test_agent_reconnects_after_broker_restart(fleet, tmp_path):
+    from tests.mosquitto import start_mosquitto
+    from tests.support import AgentProc, Controller
+
+    broker = start_mosquitto(tmp_path / "own-broker")
+    broker.add_user("node-rc")
+    fake = fleet.fake_ollama("rc")
+    c = Controller(tmp_path, broker.url("controller"))
+    agent = AgentProc(tmp_path, "node-rc", broker.url("node-rc"), fake.url)
+    try:
+        c.wait_agent("node-rc", status="online")
+        port = broker.port
+        broker.stop()
+        # mosquitto publishes its clients' wills as it shuts down: lost, and out of routing
+        c.wait_agent("node-rc", timeout=10, state="lost", routable=False)
+        broker = start_mosquitto(tmp_path / "own-broker", users=broker.passwords, port=port)
+        a = c.wait_agent("node-rc", timeout=30, status="online")
+        assert a["routable"]
+        assert c.http.get("/healthz").json()["mqtt"] is True
+    finally:
+        agent.stop()
+        c.close()
+        broker.stop()

@@ -1,0 +1,262 @@
+"""The dashboard: server-rendered pages (Jinja2 via sanic-ext), one SSE stream per page, login.
+
+Pages: overview, agents (+ CSV/JSON export), agent detail, models, requests (+ detail), events.
+Actions in the pages call the management API (`/api/...`) with the session cookie and CSRF header.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json as jsonlib
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+import peewee as pw
+from sanic import Blueprint, Request, Sanic
+from sanic.response import HTTPResponse, html, json, raw, redirect
+
+from fleet import __version__
+
+from . import auth_web, requestlog
+from . import dashboard_data as data
+from .dashboard_ui import EVENTS_PAGE, UI, WEB, sections, setup
+from .sse import Stream
+
+bp = Blueprint("dashboard")
+PERIODS = {"15m": 900, "1h": 3600, "24h": 86400, "7d": 7 * 86400}
+REQUEST_STATUS = ("2xx", "4xx", "5xx", "error")
+
+
+def _ui(request: Request) -> UI:
+    return request.app.ctx.dashboard
+
+
+async def page(request: Request, template: str, nav: str, stream: str | None = None, status: int = 200,
+               **ctx: Any) -> HTTPResponse:
+    s = auth_web.session(request)
+    ui = _ui(request)
+    body = await ui.render(template, nav=nav, stream=stream, auth_on=bool(auth_web.admin_token(request)),
+                           csrf=s.csrf if s else "", version=__version__, pulse=await ui.pulse(), **ctx)
+    return html(body, status=status, headers={"cache-control": "no-store"})
+
+
+def _stream_url(view: str, **params: Any) -> str:
+    return "/dashboard/stream?" + urlencode({"view": view, **{k: v for k, v in params.items() if v}})
+
+
+# ---- pages ---------------------------------------------------------------------------------------
+@bp.get("/dashboard")
+@auth_web.login_required
+async def overview(request: Request) -> HTTPResponse:
+    ui = _ui(request)
+    events = await ui.recent_events()
+    return await page(request, "overview.html", "overview", _stream_url("overview"), cards=await ui.cards(),
+                      events=await ui.event_rows(events, "recent-events"))
+
+
+@bp.get("/dashboard/agents")
+@auth_web.login_required
+async def agents(request: Request) -> HTTPResponse:
+    ui = _ui(request)
+    q = data.AgentQuery(request.args)
+    return await page(request, "agents.html", "agents",
+                      _stream_url("agents", status=q.status, q=q.q, sort=q.sort, dir="desc" if q.desc else ""),
+                      query=q, counts=await ui.agent_counts(q), rows=await ui.agent_rows(q),
+                      sorts=list(data.SORTS))
+
+
+@bp.get("/dashboard/agents.csv", name="agents_csv")
+@auth_web.login_required
+async def agents_csv(request: Request) -> HTTPResponse:
+    return _export(request, "csv")
+
+
+@bp.get("/dashboard/agents.json", name="agents_json")
+@auth_web.login_required
+async def agents_json(request: Request) -> HTTPResponse:
+    return _export(request, "json")
+
+
+def _export(request: Request, fmt: str) -> HTTPResponse:
+    q = data.AgentQuery(request.args)
+    agents_ = _ui(request).agents
+    disposition = {"content-disposition": f'attachment; filename="agents.{fmt}"'}
+    if fmt == "csv":
+        return raw(data.agents_csv(q.rows(agents_.values())).encode(), content_type="text/csv; charset=utf-8",
+                   headers=disposition)
+    now = time.time()
+    docs = [agents_[r["id"]].to_json(now) for r in q.rows(agents_.values(), now)]
+    return raw(jsonlib.dumps(docs).encode(), content_type="application/json", headers=disposition)
+
+
+@bp.get("/dashboard/agents/<node:str>")
+@auth_web.login_required
+async def agent_detail(request: Request, node: str) -> HTTPResponse:
+    ui = _ui(request)
+    a = ui.agents.get(node)
+    if a is None:
+        return await page(request, "error.html", "agents", status=404, title="Agent not found",
+                          message=f"No agent with id “{node}”. It may have been deleted.",
+                          back=("/dashboard/agents", "All agents"))
+    events = await ui.recent_events(node)
+    models = data.catalogue(ui.fleet)
+    return await page(request, "agent.html", "agents", _stream_url("agent", id=node), node=node, agent=a,
+                      live=await ui.agent_live(node), models_block=await ui.agent_models(node),
+                      jobs=await ui.jobs("agent-jobs", node),
+                      events=await ui.event_rows(events, "agent-events", show_agent=False),
+                      model_names=[m["name"] for m in models])
+
+
+@bp.get("/dashboard/models")
+@auth_web.login_required
+async def models(request: Request) -> HTTPResponse:
+    ui = _ui(request)
+    agents_ = sorted(ui.agents.values(), key=lambda a: a.name.lower())
+    return await page(request, "models.html", "models", _stream_url("models"), agents=agents_,
+                      jobs=await ui.jobs("model-jobs"), matrix=await ui.matrix(), catalogue=await ui.catalogue(),
+                      model_names=[m["name"] for m in data.catalogue(ui.fleet)])
+
+
+@bp.get("/dashboard/requests")
+@auth_web.login_required
+async def requests_page(request: Request) -> HTTPResponse:
+    fleet = _ui(request).fleet
+    args = {k: (request.args.get(k) or "").strip() for k in ("model", "agent", "endpoint", "status", "period")}
+    if args["status"] not in REQUEST_STATUS:
+        args["status"] = ""
+    if args["period"] not in PERIODS:
+        args["period"] = ""
+    query = {k: v for k, v in args.items() if v and k != "period"}
+    if args["period"]:
+        query["since"] = str(int(time.time() - PERIODS[args["period"]]))
+    try:
+        per_page = int(request.args.get("per_page") or 25)
+        page_no = max(1, int(request.args.get("page") or 1))
+    except ValueError:
+        per_page, page_no = 25, 1
+    if per_page not in requestlog.PAGE_SIZES:
+        per_page = 25
+    error, result = None, {"requests": [], "total": 0, "pages": 0, "page": page_no, "per_page": per_page}
+    try:
+        filters = requestlog.Filters(query)
+        await fleet.proxy.flush()
+        result = await fleet.store.read(requestlog.query_page, filters, page_no, per_page)
+    except ValueError as e:
+        error = str(e)
+    except (pw.DatabaseError, OSError) as e:  # the page stays usable when the database is not
+        error = f"could not read the request log: {e}"
+    keep = {**{k: v for k, v in args.items() if v}, "per_page": str(per_page)}
+    return await page(request, "requests.html", "requests", _stream_url("pulse"), args=args, result=result,
+                      error=error, per_page=per_page, sizes=requestlog.PAGE_SIZES, periods=list(PERIODS),
+                      statuses=REQUEST_STATUS, page_href=lambda n: "?" + urlencode({**keep, "page": n}),
+                      export=urlencode(query), agents=sorted(fleet.registry.agents))
+
+
+@bp.get("/dashboard/requests/<rid:str>")
+@auth_web.login_required
+async def request_detail(request: Request, rid: str) -> HTTPResponse:
+    fleet = _ui(request).fleet
+    await fleet.proxy.flush()
+    row = await fleet.store.read(_request_row, rid)
+    if row is None:
+        return await page(request, "error.html", "requests", status=404, title="Request not found",
+                          message=f"No request “{rid}” in the log (it may be older than the retention).",
+                          back=("/dashboard/requests", "Request history"))
+    return await page(request, "request.html", "requests", _stream_url("pulse"), r=row)
+
+
+def _request_row(rid: str) -> dict[str, Any] | None:
+    R = requestlog.RequestRecord
+    return R.select().where(R.rid == rid).dicts().first()
+
+
+@bp.get("/dashboard/events")
+@auth_web.login_required
+async def events_page(request: Request) -> HTTPResponse:
+    ui = _ui(request)
+    agent, kind = request.args.get("agent") or None, request.args.get("kind") or None
+    try:
+        before = int(request.args["before"]) if request.args.get("before") else None
+    except ValueError:
+        before = None
+    events = await ui.recent_events(agent, kind, EVENTS_PAGE, before)
+    older = events[-1]["id"] if len(events) == EVENTS_PAGE else None
+    stream = _stream_url("events", agent=agent, kind=kind) if before is None else _stream_url("pulse")
+    return await page(request, "events.html", "events", stream, agent=agent or "", kind=kind or "",
+                      rows=await ui.event_rows(events, "event-rows"), older=older, before=before,
+                      agents=sorted(ui.agents), urlencode=urlencode)
+
+
+# ---- live data -----------------------------------------------------------------------------------
+@bp.get("/dashboard/stream")
+@auth_web.login_required
+async def stream(request: Request) -> None:
+    ui = _ui(request)
+    view = request.args.get("view") or "overview"
+    await Stream(ui.fleet, sections(ui, view, request.args)).run(request)
+
+
+@bp.get("/dashboard/data/status.json")
+@auth_web.login_required
+async def status(request: Request) -> HTTPResponse:
+    """Open dashboard streams and hub subscribers: a closed browser tab must leave neither behind."""
+    fleet = _ui(request).fleet
+    return json({"streams": len(Stream.streams), "hub_subscribers": fleet.hub.subscriber_count,
+                 "hub_dropped": fleet.hub.dropped})
+
+
+@bp.get("/dashboard/data/series.json")
+@auth_web.login_required
+async def series(request: Request) -> HTTPResponse:
+    return json(await _ui(request).series_json())
+
+
+# ---- login ---------------------------------------------------------------------------------------
+@bp.get("/dashboard/login")
+async def login_form(request: Request) -> HTTPResponse:
+    nxt = auth_web.safe_next(request.args.get("next"))
+    if not auth_web.admin_token(request) or auth_web.session(request):
+        return redirect(nxt, status=303)
+    return await page(request, "login.html", "login", next=nxt, error=None)
+
+
+@bp.post("/dashboard/login")
+async def login(request: Request) -> HTTPResponse:
+    token = auth_web.admin_token(request)
+    form: Any = request.form or {}
+    nxt = auth_web.safe_next(form.get("next"))
+    if not token:
+        return redirect(nxt, status=303)
+
+    given = (form.get("token") or "").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return await page(request, "login.html", "login", status=401, next=nxt,
+                          error="That admin token is not correct.")
+    resp = redirect(nxt, status=303)
+    auth_web.set_session(resp, token, secure=request.scheme == "https")
+    return resp
+
+
+@bp.post("/dashboard/logout")
+async def logout(request: Request) -> HTTPResponse:
+    s = auth_web.session(request)
+    if s is None:  # nothing to end (or a cross-site post, which carries no SameSite=Strict cookie)
+        return redirect("/dashboard/login", status=303)
+    if not auth_web.csrf_ok(request, s):
+        return json({"error": "forbidden: missing or invalid CSRF token"}, status=403)
+    resp = redirect("/dashboard/login", status=303)
+    auth_web.clear_session(resp)
+    return resp
+
+
+def install(app: Sanic) -> None:
+    """Templates, static files, routes and the shutdown hook that ends open streams."""
+    setup(app.ext.environment)
+    app.ctx.dashboard = UI(app.ext.environment, app.ctx.fleet)
+    app.static("/dashboard/static", str(WEB / "static"), name="dashboard_static")
+    app.blueprint(bp)
+
+    @app.before_server_stop
+    async def _close_streams(app: Sanic) -> None:
+        Stream.close_all()

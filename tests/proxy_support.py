@@ -1,0 +1,124 @@
+"""Helpers for the proxy tests: a controller with fake-Ollama agents, raw streaming, doctored heartbeats."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import paho.mqtt.client as mqtt
+
+from tests.support import ROOT, Controller, wait_until
+
+# Agents that must keep a doctored heartbeat (or a dead Ollama) in the registry beat this slowly.
+SLOW_HEARTBEAT = "60"
+
+
+def wait_routable(c: Controller, *nodes: str, models: tuple[str, ...] = ("llama3.2:latest",),
+                  timeout: float = 15.0) -> None:
+    """Every node online, Ollama up, with these models (with `()`: any model) known to the registry."""
+    def ready() -> bool:
+        for n in nodes:
+            a = c.agent(n)
+            if not a or not a["routable"] or not set(models) <= set(a["models"]) or not a["models"]:
+                return False
+        return True
+    wait_until(ready, timeout, what=f"{nodes} routable with {models}")
+
+
+def start_fleet(fleet: Any, *nodes: str, controller_env: dict[str, str] | None = None,
+                agent_env: dict[str, str] | None = None, **fake_config: Any) -> tuple[Controller, dict[str, Any]]:
+    """A controller and one agent + fake Ollama per node; returns (controller, {node: fake})."""
+    c = fleet.controller(**(controller_env or {}))
+    fakes = {n: fleet.fake_ollama(n, **fake_config) for n in nodes}
+    for n in nodes:
+        fleet.agent(n, fakes[n].url, **(agent_env or {}))
+    wait_routable(c, *nodes, models=())
+    return c, fakes
+
+
+def chat_body(model: str = "llama3.2", stream: bool = False, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
+
+
+def served_by(c: Controller, n: int, path: str = "/api/chat", body: dict[str, Any] | None = None) -> list[str]:
+    """Send n requests one after the other; the X-Fleet-Agent of each (all must succeed)."""
+    out = []
+    for _ in range(n):
+        r = c.http.post(path, json=body or chat_body())
+        assert r.status_code == 200, r.text
+        out.append(r.headers["x-fleet-agent"])
+    return out
+
+
+def session_of(broker: Any, node: str, timeout: float = 5.0) -> str:
+    """The agent's current session, from its retained state message."""
+    got: dict[str, str] = {}
+    done = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-session-{uuid.uuid4().hex[:6]}")
+    client.username_pw_set("controller", broker.passwords["controller"])
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if msg.payload:
+            got["session"] = json.loads(msg.payload)["session"]
+            done.set()
+
+    client.on_message = on_message
+    client.on_connect = lambda c_, *_a: c_.subscribe(f"fleet/v1/nodes/{node}/state", qos=1)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        assert done.wait(timeout), f"no retained state for {node}"
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got["session"]
+
+
+def publish_heartbeat(broker: Any, node: str, **figures: Any) -> None:
+    """A heartbeat as the agent's own MQTT user, carrying these load figures (cpu, mem, gpus...)."""
+    doc = {"v": 1, "session": session_of(broker, node), "seq": 10_000, "ts": time.time(), **figures}
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-hb-{uuid.uuid4().hex[:6]}")
+    client.username_pw_set(node, broker.passwords[node])
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        client.publish(f"fleet/v1/nodes/{node}/heartbeat", json.dumps(doc), qos=1).wait_for_publish(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def stream_lines(client: httpx.Client, path: str, body: dict[str, Any]) -> tuple[httpx.Response, list[tuple[float, bytes]]]:
+    """POST and read a streamed answer; each line with the monotonic time it arrived."""
+    lines: list[tuple[float, bytes]] = []
+    with client.stream("POST", path, json=body) as r:
+        for line in r.iter_lines():
+            if line:
+                lines.append((time.monotonic(), line.encode()))
+    return r, lines
+
+
+def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`fleet ...` as a separate process (as an operator would run it), with no FLEET_* from the outside."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "fleet.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def db_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
+    """Read the controller's SQLite database directly: what is on disk, not what the API says."""
+    con = sqlite3.connect(data_dir / "fleet.db", timeout=5)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
