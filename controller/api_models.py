@@ -74,6 +74,16 @@ async def available(request: Request) -> HTTPResponse:
     return json({"models": models, "source": "catalogue+agents", "catalogue": dist.catalogue.source})
 
 
+def _pull_args(body: dict[str, Any]) -> tuple[str, bool, bool] | HTTPResponse:
+    """model_name, force, queue_if_offline: each checked, the first problem answered as a 400."""
+    model = _model_name(body)
+    force, queue = _flag(body, "force"), _flag(body, "queue_if_offline")
+    for v in (model, force, queue):
+        if isinstance(v, HTTPResponse):
+            return v
+    return str(model), bool(force), bool(queue)
+
+
 @bp.post("/api/models/distribute")
 @openapi.summary("Pull a model to all online agents, to chosen ones, or to those whose memory fits it")
 @openapi.description("Body: `{model_name, target: all|specific|auto, agent_ids?, force?, queue_if_offline?}` -> "
@@ -88,14 +98,13 @@ async def distribute(request: Request) -> HTTPResponse:
     body = json_body(request)
     if isinstance(body, HTTPResponse):
         return body
-    model = _model_name(body)
-    force, queue = _flag(body, "force"), _flag(body, "queue_if_offline")
-    for v in (model, force, queue):
-        if isinstance(v, HTTPResponse):
-            return v
+    args = _pull_args(body)
+    if isinstance(args, HTTPResponse):
+        return args
+    model, force, queue = args
     try:
         plan = await _dist(request).distribute(model, body.get("target", "all"), body.get("agent_ids"),
-                                               force=bool(force), queue_if_offline=bool(queue), origin="api")
+                                               force=force, queue_if_offline=queue, origin="api")
     except DistributionError as e:
         return error(e.status, e.message)
     return json(plan.to_json(), status=202)
@@ -109,14 +118,13 @@ async def pull_one(request: Request, agent_id: str) -> HTTPResponse:
     body = json_body(request)
     if isinstance(body, HTTPResponse):
         return body
-    model = _model_name(body)
-    force, queue = _flag(body, "force"), _flag(body, "queue_if_offline")
-    for v in (model, force, queue):
-        if isinstance(v, HTTPResponse):
-            return v
+    args = _pull_args(body)
+    if isinstance(args, HTTPResponse):
+        return args
+    model, force, queue = args
     try:
-        plan = await _dist(request).distribute(model, "specific", [agent_id], force=bool(force),
-                                               queue_if_offline=bool(queue), origin="api")
+        plan = await _dist(request).distribute(model, "specific", [agent_id], force=force,
+                                               queue_if_offline=queue, origin="api")
     except DistributionError as e:
         return error(e.status, e.message)
     rec = plan.recs[0]

@@ -81,6 +81,20 @@ def _name(body: dict[str, Any], *keys: str) -> str | None:
     return value if valid_model_name(value) else None
 
 
+def _request(request: Request, *keys: str) -> tuple[dict[str, Any], list[str]] | HTTPResponse:
+    """The shared opening of every model-changing route: authorise, parse the body, read the names
+    (`keys` groups: "model|name" takes the first present; each group must be a valid model name)."""
+    if (denied := _denied(request)) is not None:
+        return denied
+    body = _body(request)
+    if isinstance(body, HTTPResponse):
+        return body
+    names = [_name(body, *group.split("|")) for group in keys]
+    if any(n is None for n in names):
+        return _err(400, "invalid model name")
+    return body, [n for n in names if n is not None]
+
+
 def _targets(request: Request) -> tuple[str, list[str] | None]:
     raw = (request.args.get("agents") or request.headers.get(AGENTS_HEADER) or "").strip()
     if raw in ("", "all"):
@@ -172,14 +186,10 @@ class MergedProgress:
 
 @bp.post("/api/pull")
 async def pull(request: Request) -> HTTPResponse | None:
-    if (denied := _denied(request)) is not None:
-        return denied
-    body = _body(request)
-    if isinstance(body, HTTPResponse):
-        return body
-    model = _name(body, "model", "name")
-    if model is None:
-        return _err(400, "invalid model name")
+    parsed = _request(request, "model|name")
+    if isinstance(parsed, HTTPResponse):
+        return parsed
+    body, (model,) = parsed
     target, ids = _targets(request)
     dist, ledger = _dist(request), _ledger(request)
     try:
@@ -222,14 +232,10 @@ async def pull(request: Request) -> HTTPResponse | None:
 
 @bp.delete("/api/delete")
 async def delete(request: Request) -> HTTPResponse:
-    if (denied := _denied(request)) is not None:
-        return denied
-    body = _body(request)
-    if isinstance(body, HTTPResponse):
-        return body
-    model = _name(body, "model", "name")
-    if model is None:
-        return _err(400, "invalid model name")
+    parsed = _request(request, "model|name")
+    if isinstance(parsed, HTTPResponse):
+        return parsed
+    body, (model,) = parsed
     chosen = _chosen(request, model)
     if isinstance(chosen, HTTPResponse):
         return chosen
@@ -274,14 +280,10 @@ async def _on_agents(request: Request, agents: list[AgentRecord], path: str,
 @bp.post("/api/copy")
 async def copy(request: Request) -> HTTPResponse:
     """On every agent that has the source: an alias on one agent only would route inconsistently."""
-    if (denied := _denied(request)) is not None:
-        return denied
-    body = _body(request)
-    if isinstance(body, HTTPResponse):
-        return body
-    source, dest = _name(body, "source"), _name(body, "destination")
-    if source is None or dest is None:
-        return _err(400, "invalid model name")
+    parsed = _request(request, "source", "destination")
+    if isinstance(parsed, HTTPResponse):
+        return parsed
+    body, (source, dest) = parsed
     chosen = _chosen(request, source)
     if isinstance(chosen, HTTPResponse):
         return chosen
@@ -298,14 +300,10 @@ async def copy(request: Request) -> HTTPResponse:
 @bp.post("/api/create")
 async def create(request: Request) -> HTTPResponse | None:
     """`from` a model the agents have: created on each of them. Uploaded files cannot reach every agent."""
-    if (denied := _denied(request)) is not None:
-        return denied
-    body = _body(request)
-    if isinstance(body, HTTPResponse):
-        return body
-    model = _name(body, "model", "name")
-    if model is None:
-        return _err(400, "invalid model name")
+    parsed = _request(request, "model|name")
+    if isinstance(parsed, HTTPResponse):
+        return parsed
+    body, (model,) = parsed
     if body.get("files") or body.get("adapters"):
         return _err(501, "create from uploaded files or adapters is not supported through the fleet controller: "
                          "the blobs would have to reach every agent. Create the model on one agent's Ollama "
@@ -337,14 +335,10 @@ async def create(request: Request) -> HTTPResponse | None:
 @bp.post("/api/push")
 async def push(request: Request) -> HTTPResponse | None:
     """A push uploads from one machine: the first online agent that has the model (or the one named)."""
-    if (denied := _denied(request)) is not None:
-        return denied
-    body = _body(request)
-    if isinstance(body, HTTPResponse):
-        return body
-    model = _name(body, "model", "name")
-    if model is None:
-        return _err(400, "invalid model name")
+    parsed = _request(request, "model|name")
+    if isinstance(parsed, HTTPResponse):
+        return parsed
+    body, (model,) = parsed
     target, ids = _targets(request)
     if target == "specific" and ids and len(ids) > 1:
         return _err(400, "a push runs on one agent: name one in `agents`")

@@ -4,28 +4,15 @@ agents and fake Ollamas as real processes on real sockets. Every process is stop
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from tests.mosquitto import MosquittoMissing, MosquittoProcess, start_mosquitto
-from tests.support import AgentProc, Controller, clear_retained
+from tests.support import AgentProc, Controller, clear_retained, docker_engine
 
 REQUIRE_MOSQUITTO = os.environ.get("FLEET_TEST_REQUIRE_MOSQUITTO") == "1"
-
-
-def _docker_available() -> bool:
-    if not shutil.which("docker"):
-        return False
-    try:
-        import docker  # type: ignore[import-untyped]
-
-        docker.from_env().ping()
-        return True
-    except Exception:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +23,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoPro
     except MosquittoMissing as e:
         if REQUIRE_MOSQUITTO:
             pytest.fail(f"FLEET_TEST_REQUIRE_MOSQUITTO=1 but {e}")
-        pytest.skip(f"{e} (the testcontainers path needs a Docker engine: {_docker_available()})")
+        pytest.skip(f"{e} (the testcontainers path needs a Docker engine: {docker_engine()})")
     try:
         yield broker
     finally:

@@ -190,3 +190,21 @@ def clear_retained(host: str, port: int, username: str, password: str, prefix: s
         client.loop_stop()
         client.disconnect()
     return len(retained)
+
+
+def docker_engine() -> bool:
+    """True when a Docker engine answers (the client alone, as on these machines, is not enough)."""
+    import os
+
+    if not (os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock")):
+        return False
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        client = docker.from_env()
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False

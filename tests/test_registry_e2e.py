@@ -289,3 +289,14 @@ def test_agent_reconnects_after_broker_restart(fleet, tmp_path):
         agent.stop()
         c.close()
         broker.stop()
+
+
+def test_http_api_is_documented_at_docs(fleet):
+    c = fleet.controller()
+    spec = c.http.get("/docs/openapi.json").json()
+    for path in ("/api/agents", "/api/agents/{agent_id}", "/api/agents/{agent_id}/models",
+                 "/api/agents/{agent_id}/settings", "/api/agents/{agent_id}/disconnect", "/api/events",
+                 "/healthz"):
+        assert path in spec["paths"], path
+    assert spec["paths"]["/api/agents/{agent_id}"]["delete"]["summary"]
+    assert c.http.get("/docs").status_code == 200
