@@ -7,6 +7,7 @@ copy written behind by the flusher, so a heartbeat never waits for disk.
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -269,7 +270,9 @@ class Registry:
             self._set_state(a, "online", "heartbeat resumed")
             steady = False
         if now - a.last_sample >= self.sample_interval:
-            a.last_sample = now
+            # the first sample lands at a random point of the interval: a fleet that (re)connects at
+            # once must not write all its samples in the same flush
+            a.last_sample = now if a.last_sample else now - random.uniform(0, self.sample_interval)
             self._samples.append(self._sample(a, now))
         self._changed(a, beat_only=steady)
         return None

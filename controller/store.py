@@ -81,10 +81,16 @@ def apply_batch(batch: Batch) -> int:
             for chunk in _chunks(rows):
                 model.insert_many(chunk).execute()
             written += len(rows)
-        for model, rows in ((Event, batch.events), (MetricSample, batch.samples)):
-            for chunk in _chunks(rows):
-                model.insert_many(chunk).execute()
-            written += len(rows)
+        if batch.samples:  # many rows, every flush: executemany, like the heartbeats
+            p = db.obj.param
+            cols = ("node_id", "ts", "cpu", "mem", "gpu_util", "gpu_mem_used", "gpu_mem_total")
+            sql = (f"INSERT INTO {MetricSample._meta.table_name} ({', '.join(cols)}) "
+                   f"VALUES ({', '.join([p] * len(cols))})")
+            db.obj.cursor().executemany(sql, [tuple(r[c] for c in cols) for r in batch.samples])
+            written += len(batch.samples)
+        for chunk in _chunks(batch.events):
+            Event.insert_many(chunk).execute()
+        written += len(batch.events)
     return written
 
 
