@@ -13,15 +13,17 @@ except ImportError:  # pragma: no cover
     pynvml = None
 
 
-def _soft(fn: Callable[[], Any]) -> Any:
+def _soft(fn: Callable[..., Any], *args: Any) -> Any:
     """One field failing (NotSupported on consumer cards, say) leaves that field None."""
     try:
-        return fn()
+        return fn(*args)
     except Exception:
         return None
 
 
-def _text(value: Any) -> str:
+def _text_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -36,7 +38,7 @@ class Gpus:
             pynvml.nvmlInit()
             count = pynvml.nvmlDeviceGetCount()
             self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-            self.driver = _soft(lambda: _text(pynvml.nvmlSystemGetDriverVersion()))
+            self.driver = _text_or_none(_soft(pynvml.nvmlSystemGetDriverVersion))
             self.available = True
         except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
             log.info("no NVIDIA GPU telemetry: %s", e.__class__.__name__)
@@ -44,11 +46,11 @@ class Gpus:
     def inventory(self) -> list[dict[str, Any]]:
         out = []
         for i, h in enumerate(self._handles):
-            mem = _soft(lambda: pynvml.nvmlDeviceGetMemoryInfo(h))
+            mem = _soft(pynvml.nvmlDeviceGetMemoryInfo, h)
             out.append({
                 "index": i,
-                "uuid": _soft(lambda: _text(pynvml.nvmlDeviceGetUUID(h))),
-                "name": _soft(lambda: _text(pynvml.nvmlDeviceGetName(h))) or f"GPU {i}",
+                "uuid": _text_or_none(_soft(pynvml.nvmlDeviceGetUUID, h)),
+                "name": _text_or_none(_soft(pynvml.nvmlDeviceGetName, h)) or f"GPU {i}",
                 "mem_total": mem.total if mem else None,
                 "driver": self.driver,
             })
@@ -57,14 +59,14 @@ class Gpus:
     def metrics(self) -> list[dict[str, Any]]:
         out = []
         for i, h in enumerate(self._handles):
-            mem = _soft(lambda: pynvml.nvmlDeviceGetMemoryInfo(h))
-            power_mw = _soft(lambda: pynvml.nvmlDeviceGetPowerUsage(h))
+            mem = _soft(pynvml.nvmlDeviceGetMemoryInfo, h)
+            power_mw = _soft(pynvml.nvmlDeviceGetPowerUsage, h)
             out.append({
                 "index": i,
-                "util": _soft(lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
+                "util": getattr(_soft(pynvml.nvmlDeviceGetUtilizationRates, h), "gpu", None),
                 "mem_used": mem.used if mem else None,
                 "mem_total": mem.total if mem else None,
-                "temp": _soft(lambda: _temperature(h)),
+                "temp": _soft(_temperature, h),
                 "power": round(power_mw / 1000, 1) if power_mw is not None else None,
             })
         return out

@@ -121,7 +121,7 @@ class Agent:
             self.connected.set()
             log.info("connected as %s (session %s)", self.node_id, self.session[:8])
             tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._commands())]
-            stop = asyncio.create_task(self._stop.wait())
+            stop: asyncio.Task[Any] = asyncio.create_task(self._stop.wait())
             try:
                 done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
                 leaving = self._stop.is_set()

@@ -97,6 +97,7 @@ class MetricSample(Base):
 
 
 class Event(Base):
+    id = pw.AutoField()
     ts = pw.FloatField(index=True)
     node_id = pw.CharField(null=True, max_length=63, index=True)
     kind = pw.CharField(max_length=32)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable, Coroutine
 
 import aiomqtt
 
@@ -25,7 +25,7 @@ REBIRTH_EVERY = 30.0  # seconds between rebirth requests to one agent whose sess
 LOG_EVERY = 10.0  # seconds between log lines for the same kind of dropped message
 EVENT_EVERY = 60.0  # seconds between event-log rows for the same kind of dropped message
 
-ControllerCommand = Callable[[dict[str, Any]], Awaitable[None]]
+ControllerCommand = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 
 
 class Ingest:

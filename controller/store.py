@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 from .db import Agent, Event, Gpu, InstalledModel, MetricSample, db, init_db
 from .registry import Batch
@@ -95,8 +95,13 @@ def apply_batch(batch: Batch) -> int:
 
 
 def load_registry() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    gpus = [{**{k: v for k, v in g.items() if k != "gpu_index"}, "index": g["gpu_index"]} for g in Gpu.select().dicts()]
-    return list(Agent.select().dicts()), gpus, list(InstalledModel.select().dicts())
+    gpus = [{**{k: v for k, v in g.items() if k != "gpu_index"}, "index": g["gpu_index"]} for g in _rows(Gpu.select())]
+    return _rows(Agent.select()), gpus, _rows(InstalledModel.select())
+
+
+def _rows(query: Any) -> list[dict[str, Any]]:
+    """Rows as plain dicts (peewee's stubs type `.dicts()` as model instances)."""
+    return cast(list[dict[str, Any]], list(query.dicts()))
 
 
 def prune(metrics_before: float, events_before: float) -> int:
@@ -115,13 +120,13 @@ def query_events(node: str | None, kind: str | None, since: float | None, limit:
         q = q.where(Event.ts >= since)
     if before_id:
         q = q.where(Event.id < before_id)
-    return list(q.dicts())
+    return _rows(q)
 
 
 def query_metrics(node: str, since: float) -> list[dict[str, Any]]:
     q = (MetricSample.select().where((MetricSample.node_id == node) & (MetricSample.ts >= since))
          .order_by(MetricSample.ts))
-    return [{k: v for k, v in r.items() if k not in ("id", "node_id")} for r in q.dicts()]
+    return [{k: v for k, v in r.items() if k not in ("id", "node_id")} for r in _rows(q)]
 
 
 def count_agents() -> int:
