@@ -42,14 +42,15 @@ class OllamaClient:
         try:
             version, tags, ps = await asyncio.gather(
                 self._get("/api/version"), self._get("/api/tags"), self._get("/api/ps"))
-        except (httpx.HTTPError, ValueError) as e:
+            return OllamaStatus(
+                up=True,
+                version=version.get("version"),
+                models=sorted((_pick(m, TAG_FIELDS) for m in tags.get("models") or []), key=lambda m: m["name"]),
+                loaded=sorted((_pick(m, PS_FIELDS) for m in ps.get("models") or []), key=lambda m: m["name"]),
+            )
+        except (httpx.HTTPError, ValueError, AttributeError, KeyError, TypeError) as e:
+            # something answering that is not Ollama (or a broken one) counts as down, never kills the agent
             return OllamaStatus(up=False, error=f"{e.__class__.__name__}: {e}"[:200])
-        return OllamaStatus(
-            up=True,
-            version=version.get("version"),
-            models=sorted((_pick(m, TAG_FIELDS) for m in tags.get("models") or []), key=lambda m: m["name"]),
-            loaded=sorted((_pick(m, PS_FIELDS) for m in ps.get("models") or []), key=lambda m: m["name"]),
-        )
 
     async def aclose(self) -> None:
         await self.http.aclose()

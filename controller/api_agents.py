@@ -165,7 +165,7 @@ async def events(request: Request) -> HTTPResponse:
     except ValueError:
         return error(400, "limit and before must be integers, since epoch seconds")
     fleet = _fleet(request)
-    await fleet.store.flush(fleet.registry.drain())  # read-your-writes for events just emitted
+    await fleet.flush_registry()  # read-your-writes for events just emitted
     rows = await fleet.store.read(store.query_events, request.args.get("agent"), request.args.get("kind"),
                                   since, limit, before)
     return json({"events": rows, "next_before": rows[-1]["id"] if len(rows) == limit else None})

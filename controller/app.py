@@ -74,21 +74,22 @@ class Fleet:
             self._tasks.append(asyncio.create_task(self.local_agent.run(), name="fleet-local-agent"))
 
     async def stop(self) -> None:
-        """Persist first, say goodbye second: a slow broker must not cost registry rows (a supervisor
-        that loses patience SIGKILLs us). Every step runs even if an earlier one failed."""
-        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        """Before Sanic drains open connections. Persist first, say goodbye second: a slow broker must
+        not cost registry rows (a supervisor that loses patience SIGKILLs us)."""
+        await _steps([
             ("local agent", self._stop_local_agent),
-            ("registry flush", self._flush_now),
-            ("proxy", self.proxy.stop),  # flushes the request log before the store closes
+            ("registry flush", self.flush_registry),
             ("mqtt goodbye", lambda: asyncio.wait_for(self.ingest.stop(), GOODBYE_TIMEOUT)),
             ("tasks", self._cancel_tasks),
-            ("final flush", self._flush_now),
-        ]
-        for name, step in steps:
-            try:
-                await step()
-            except Exception:
-                log.exception("shutdown step %r failed", name)
+            ("registry flush", self.flush_registry),
+        ])
+
+    async def close(self) -> None:
+        """After Sanic drained connections: requests that finished during the drain are logged too."""
+        await _steps([
+            ("proxy", self.proxy.stop),  # flushes the request log before the store closes
+            ("final flush", self.flush_registry),
+        ])
         if self.store is not None:
             self.store.close()
         if self.broker is not None:
@@ -100,9 +101,17 @@ class Fleet:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._tasks[-1]), 5)
 
-    async def _flush_now(self) -> None:
-        if self.store is not None:
-            await self.store.flush(self.registry.drain())
+    async def flush_registry(self) -> None:
+        """Write what the registry changed; on failure the rows go back to be written next time.
+        Also a read barrier: after it, reads see every earlier write."""
+        if self.store is None:
+            return
+        batch = self.registry.drain()
+        try:
+            await self.store.flush(batch)
+        except Exception:
+            self.registry.requeue(batch)
+            raise
 
     async def _cancel_tasks(self) -> None:
         for t in self._tasks:
@@ -114,9 +123,9 @@ class Fleet:
         while True:
             await asyncio.sleep(float(self.cfg.flush_interval))
             try:
-                await self.store.flush(self.registry.drain())
+                await self.flush_registry()
             except Exception:
-                log.exception("registry flush failed; retrying next interval")
+                log.exception("registry flush failed; its rows are kept for the next interval")
 
     async def _stale_checker(self) -> None:
         while True:
@@ -138,6 +147,15 @@ class Fleet:
             await asyncio.sleep(PRUNE_EVERY)
 
 
+async def _steps(steps: list[tuple[str, Callable[[], Awaitable[Any]]]]) -> None:
+    """Run every shutdown step even if an earlier one failed."""
+    for name, step in steps:
+        try:
+            await step()
+        except Exception:
+            log.exception("shutdown step %r failed", name)
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -152,6 +170,7 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     app.config.MOTD = False
     app.config.ACCESS_LOG = False
     app.config.RESPONSE_TIMEOUT = 3600  # proxied generations and model loads are slow to first byte
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 8.0  # open streams get this long to finish before we close
     app.config.REQUEST_MAX_SIZE = 100 * 1024 * 1024
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.OAS_UI_DEFAULT = "swagger"
@@ -175,6 +194,10 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     @app.before_server_stop
     async def _stop(app: Sanic) -> None:
         await fleet.stop()
+
+    @app.after_server_stop
+    async def _close(app: Sanic) -> None:
+        await fleet.close()
 
     from . import distribution
 

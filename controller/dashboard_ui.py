@@ -187,7 +187,7 @@ class UI:
     async def recent_events(self, node: str | None = None, kind: str | None = None,
                             limit: int = EVENTS_SHOWN, before: int | None = None) -> list[dict[str, Any]]:
         fleet = self.fleet
-        await fleet.store.flush(fleet.registry.drain())  # read-your-writes, like GET /api/events
+        await fleet.flush_registry()  # read-your-writes, like GET /api/events
         return await fleet.store.read(store.query_events, node, kind, None, limit, before)
 
     async def event_rows(self, events: list[dict[str, Any]], dom_id: str, oob: str = "",

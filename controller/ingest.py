@@ -43,6 +43,7 @@ class Ingest:
         self._pending: dict[str, dict[str, dict[str, Any]]] = {}  # snapshots seen before their node's state
         self._last_log: dict[str, float] = {}
         self._rebirth_asked: dict[str, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._last_event: dict[str, float] = {}
         self._handlers = {
             "state": registry.on_state, "heartbeat": registry.on_heartbeat, "info": registry.on_info,
@@ -74,6 +75,8 @@ class Ingest:
                         self.handle(str(message.topic), message.payload)
             except aiomqtt.MqttError as e:
                 log.warning("broker connection lost: %s", e)
+            except Exception:  # never end ingest for good: log, back off, reconnect
+                log.exception("ingest loop failed; reconnecting")
             finally:
                 self.client = None
                 self.connected.clear()
@@ -135,7 +138,7 @@ class Ingest:
             return
         self._rebirth_asked[node] = now
         self.counters["rebirth_requests"] += 1
-        asyncio.get_running_loop().create_task(self.publish_command(node, "agent.rebirth", {}))
+        self._spawn(self.publish_command(node, "agent.rebirth", {}))
 
     def _controller_command(self, topic: str, payload: Any) -> None:
         node, verb = self.topics.parse_cmd_topic(topic)
@@ -143,7 +146,19 @@ class Ingest:
             raise ProtocolError("unknown_verb", topic)
         doc = decode(payload, self.max_bytes)
         self.counters["controller_commands"] += 1
-        asyncio.get_running_loop().create_task(self.commands[verb](doc))
+        self._spawn(self.commands[verb](doc))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Work started from a message: kept referenced (not garbage-collected mid-flight) and its
+        failure logged instead of lost."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work from ingest failed", exc_info=task.exception())
 
     def drop(self, topic: str, reason: str, detail: str = "") -> None:
         self.counters["dropped"] += 1

@@ -343,7 +343,7 @@ class JobLedger:
             if name in doc:
                 setattr(rec, name, _as_int(doc[name]))
         if isinstance(doc.get("phase"), str) or doc.get("phase") is None and "phase" in doc:
-            rec.phase = doc.get("phase")
+            rec.phase = doc["phase"][:255] if doc.get("phase") else None  # agent text into VARCHAR(255)
         if isinstance(doc.get("layers"), dict):
             rec.layers = doc["layers"]
         err = doc.get("error")
@@ -385,7 +385,7 @@ class JobLedger:
                 args: dict[str, Any] = raw if isinstance(raw, dict) else {}
                 model = args.get("model")
                 rec = JobRec(task_id=task_id, job_id=job_id, node_id=node, verb=str(doc.get("verb") or "unknown")[:32],
-                             model=model if isinstance(model, str) else None, args=args,
+                             model=model[:255] if isinstance(model, str) else None, args=args,
                              origin=str(doc.get("origin") or "mqtt")[:32],
                              created_at=_as_num(doc.get("created_at")) or time.time(), dispatched_at=time.time())
                 self.counters["learned"] += 1

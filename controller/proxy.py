@@ -36,14 +36,16 @@ log = logging.getLogger("fleet.proxy")
 REQUEST_DROP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
     "proxy-authorization", "proxy-authenticate", "host", "content-length", "authorization", "accept-encoding",
-    "expect", "x-fleet-agent", "x-fleet-debug",
+    "expect", "x-fleet-agent", "x-fleet-debug", "cookie", "x-csrf-token",  # dashboard credentials stay here
 })
 # Response headers never passed back: hop-by-hop, and the length Sanic recomputes (or re-chunks).
 RESPONSE_DROP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
     "proxy-authenticate", "proxy-authorization", "content-length", "content-type",
+    "set-cookie",  # an agent must not set cookies on the controller's origin (the dashboard lives there)
 })
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+MAX_TEXT = 255  # the request log's text columns
 TAIL_BYTES = 32 * 1024  # end of each answer kept to read token counts and in-band errors from
 KEYS_RELOAD_EVERY = 2.0  # seconds: `fleet keys add|revoke` take effect within this
 PRUNE_EVERY = 600.0
@@ -260,7 +262,7 @@ class Proxy:
             return self._reject(rec, ep, 400, "model is required")
         stream = body.get("stream", ep.stream_default)
         rec["stream"] = stream is not False if not ep.openai else stream is True
-        rec["model"] = normalize_model(model)
+        rec["model"] = normalize_model(model)[:MAX_TEXT]  # client text into a VARCHAR(255) on PostgreSQL
 
         decision = self.router.choose(self.registry.agents.values(), model, request.headers.get("x-fleet-agent"))
         if isinstance(decision, NoRoute):

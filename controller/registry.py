@@ -16,10 +16,16 @@ from .hub import Hub
 from .reach import effective_url
 
 UP_STATES = ("online",)
+MAX_TEXT = 255  # agent-supplied strings stored in VARCHAR(255) columns (PostgreSQL enforces the length)
+REQUEUE_CAP = 50_000  # events/samples kept across failing flushes before the oldest are let go
 _META = ("v", "session", "ts")
 
 
-@dataclass
+def _text(value: Any) -> str | None:
+    return str(value)[:MAX_TEXT] if value else None
+
+
+@dataclass(eq=False)  # identity: records are compared on the proxy's hot path (router membership tests)
 class AgentRecord:
     node_id: str
     first_seen: float
@@ -187,6 +193,16 @@ class Registry:
         self._deleted, self._events, self._samples = [], [], []
         return batch
 
+    def requeue(self, batch: Batch) -> None:
+        """A flush failed (database busy or restarting): keep what it held for the next one."""
+        self._dirty.update(row["node_id"] for row in batch.agents if row["node_id"] in self.agents)
+        self._beats.update(node for _, _, node in batch.beats if node in self.agents)
+        self._dirty_gpus.update(n for n in batch.gpus if n in self.agents)
+        self._dirty_models.update(n for n in batch.models if n in self.agents)
+        self._deleted[:0] = batch.deleted
+        self._events[:0] = batch.events[-REQUEUE_CAP:]
+        self._samples[:0] = batch.samples[-REQUEUE_CAP:]
+
     # ---- events ----------------------------------------------------------------------------
     def event(self, kind: str, node: str | None, message: str, level: str = "info", **data: Any) -> None:
         ev = {"ts": time.time(), "node_id": node, "kind": kind, "level": level, "message": message,
@@ -240,7 +256,7 @@ class Registry:
             a.hb_interval = float(doc.get("hb_interval") or a.hb_interval)
             agent = doc.get("agent")
             if isinstance(agent, dict):
-                a.agent_version = agent.get("version")
+                a.agent_version = _text(agent.get("version"))
         a.last_seen = now
         self._changed(a)
         return None
@@ -302,11 +318,12 @@ class Registry:
         if isinstance(a, str):
             return a
         a.info = {k: v for k, v in doc.items() if k not in _META}
-        a.hostname = str(doc.get("hostname") or "")
-        a.agent_version = doc.get("agent_version") or a.agent_version
+        a.hostname = _text(doc.get("hostname")) or ""
+        a.agent_version = _text(doc.get("agent_version")) or a.agent_version
         ollama = doc["ollama"]
-        a.ollama_url = effective_url(str(ollama.get("url") or ""), a.info.get("ips") or [], ollama.get("advertise_url"))
-        a.ollama_version = ollama.get("version") or a.ollama_version
+        a.ollama_url = _text(effective_url(str(ollama.get("url") or ""), a.info.get("ips") or [],
+                                           ollama.get("advertise_url"))) or ""
+        a.ollama_version = _text(ollama.get("version")) or a.ollama_version
         if isinstance(ollama.get("up"), bool):
             self._set_ollama(a, ollama["up"])
         self._changed(a)

@@ -34,7 +34,7 @@ def frame(parts: list[str], event: str = "update") -> str:
     parts (<tbody>, <tr>) next to other elements, and htmx swaps out-of-band elements found in templates.
     Every line becomes a `data:` line."""
     html = "\n".join(f"<template>{p}</template>" for p in parts if p)
-    lines = "\n".join("data: " + line for line in html.split("\n"))
+    lines = "\n".join("data: " + line for line in html.splitlines())  # \r too: never a new SSE field
     return f"event: {event}\n{lines}\n\n"
 
 

@@ -69,7 +69,7 @@ class Proc:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
-    def stop(self, timeout: float = 10.0) -> int | None:
+    def stop(self, timeout: float = 20.0) -> int | None:  # longer than the controller's graceful drain
         """SIGTERM and wait: the clean-stop path."""
         if self.proc is None:
             return None

@@ -81,11 +81,17 @@ def test_failover_before_the_first_byte(fleet, fault):
 
 
 def test_failover_when_an_ollama_is_gone(fleet):
-    # a slow heartbeat keeps the dead Ollama "up" in the registry: only the connection tells
-    c, fakes = start_fleet(fleet, "gone-a", "gone-b", agent_env={"fleet_heartbeat_interval": SLOW_HEARTBEAT},
-                           controller_env={"fleet_routing_strategy": "round_robin"})
-    fakes["gone-a"].stop()
-    assert c.agent("gone-a")["routable"] is True
+    # gone-a's agent sees its Ollama up (and says so), but the address the controller must use is
+    # closed: only the connection tells, and the request must move on to gone-b before the first byte
+    from broker.local import free_loopback_port
+    from tests.support import wait_until
+
+    c = fleet.controller(fleet_routing_strategy="round_robin")
+    fakes = {n: fleet.fake_ollama(n) for n in ("gone-a", "gone-b")}
+    fleet.agent("gone-a", fakes["gone-a"].url, fleet_advertise_url=f"http://127.0.0.1:{free_loopback_port()}")
+    fleet.agent("gone-b", fakes["gone-b"].url)
+    for n in fakes:
+        wait_until(lambda n=n: (c.agent(n) or {}).get("routable"), what=f"{n} routable")
     r = c.http.post("/api/generate", json={"model": "llama3.2", "prompt": "x", "stream": True})
     assert r.status_code == 200 and r.headers["x-fleet-agent"] == "gone-b"
     assert json.loads(r.text.splitlines()[-1])["done"] is True
