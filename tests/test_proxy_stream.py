@@ -12,7 +12,8 @@ import ollama
 import openai
 import pytest
 
-from tests.proxy_support import SLOW_HEARTBEAT, chat_body, served_by, start_fleet, stream_lines, wait_routable
+from broker.local import free_loopback_port
+from tests.proxy_support import chat_body, served_by, start_fleet, stream_lines, wait_routable
 from tests.support import wait_until
 
 TOKEN_DELAY = 0.25  # seconds between fake tokens where timing matters
@@ -83,9 +84,6 @@ def test_failover_before_the_first_byte(fleet, fault):
 def test_failover_when_an_ollama_is_gone(fleet):
     # gone-a's agent sees its Ollama up (and says so), but the address the controller must use is
     # closed: only the connection tells, and the request must move on to gone-b before the first byte
-    from broker.local import free_loopback_port
-    from tests.support import wait_until
-
     c = fleet.controller(fleet_routing_strategy="round_robin")
     fakes = {n: fleet.fake_ollama(n) for n in ("gone-a", "gone-b")}
     fleet.agent("gone-a", fakes["gone-a"].url, fleet_advertise_url=f"http://127.0.0.1:{free_loopback_port()}")
@@ -98,8 +96,11 @@ def test_failover_when_an_ollama_is_gone(fleet):
 
 
 def test_all_agents_failing_gives_502_in_the_api_shape(fleet):
-    c, fakes = start_fleet(fleet, "dead-a", agent_env={"fleet_heartbeat_interval": SLOW_HEARTBEAT})
-    fakes["dead-a"].stop()
+    # the agent sees its Ollama up; the address the controller must use is closed (see the test above)
+    c = fleet.controller()
+    fake = fleet.fake_ollama("dead-a")
+    fleet.agent("dead-a", fake.url, fleet_advertise_url=f"http://127.0.0.1:{free_loopback_port()}")
+    wait_until(lambda: (c.agent("dead-a") or {}).get("routable"), what="dead-a routable")
     r = c.http.post("/api/chat", json=chat_body())
     assert r.status_code == 502 and r.json()["error"].startswith("all 1 agent failed: dead-a: ConnectError")
     r = c.http.post("/v1/chat/completions", json=chat_body())
