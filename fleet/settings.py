@@ -70,6 +70,19 @@ SETTINGS: tuple[Setting, ...] = (
     _s("admin_token", str, "", "When set, management endpoints need `Authorization: Bearer <token>` and the "
        "dashboard asks for it at login (docs/dashboard.md).",
        C, secret=True),
+    _s("viewer_token", str, "", "Read-only token: with it (Bearer or dashboard login) the dashboard and the "
+       "read endpoints work, nothing changes (docs/security.md). Needs `admin_token`.", C, secret=True),
+    _s("allowed_origins", list, [], "Browser origins (besides the controller's own) allowed to call the API, "
+       "comma-separated; `*` wildcards as in OLLAMA_ORIGINS, e.g. `http://localhost:*`. Any other "
+       "`Origin` gets 403 (docs/security.md).", C),
+    _s("trusted_proxies", list, [], "Addresses or CIDRs of TLS-terminating reverse proxies whose "
+       "`X-Forwarded-For`/`X-Forwarded-Proto` are believed (client address, `Secure` cookies). "
+       "Comma-separated.", C),
+    _s("max_body_bytes", int, 64 * 1024 * 1024, "Largest request body accepted, in bytes (413 above it).", C),
+    _s("header_timeout", float, 10.0, "Seconds a client may take to send a request's headers before the "
+       "connection is closed.", C),
+    _s("body_timeout", float, 60.0, "Seconds a client may take to send a request's body before the "
+       "connection is closed.", C),
     _s("local_agent", bool, True, "`fleet up` only: also run an agent for the local Ollama.", C),
     # --- controller: proxy ---
     _s("routing_strategy", str, "least_busy", "How the proxy picks an agent among those with the model: "
@@ -257,7 +270,7 @@ def markdown_table(scopes: Iterable[str] = BOTH) -> str:
     """The configuration table in the README is generated from here (a test keeps it in sync)."""
     rows = ["| setting | flag | environment | default | used by | meaning |", "|---|---|---|---|---|---|"]
     for s in settings_for(scopes):
-        default = "" if s.default in ("", None) else f"`{s.default}`"
+        default = "" if s.default in ("", None, []) else f"`{s.default}`"
         used = ", ".join(sorted(s.scopes))
         rows.append(f"| `{s.name}` | `{s.flag}` | `{s.env}` | {default} | {used} | {s.help} |")
     return "\n".join(rows)

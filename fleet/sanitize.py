@@ -1,0 +1,65 @@
+"""Make untrusted text safe where it enters (HTTP bodies and headers, MQTT payloads).
+
+Anything that reaches the database, a log line or a page passes through here first: lone UTF-16
+surrogates (legal in JSON's `\\ud800`, illegal in UTF-8, so every encoder downstream fails on them),
+NUL (PostgreSQL rejects it in text), invalid UTF-8 bytes and unbounded lengths. Replacement keeps the
+rest of the value readable; nothing raises.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+TEXT_MAX = 255  # characters: fits a VARCHAR(255) on PostgreSQL
+_BAD = re.compile("[\ud800-\udfff\x00]")
+
+
+def clean_text(value: str, limit: int | None = TEXT_MAX) -> str:
+    """`value` with lone surrogates and NUL replaced, cut to `limit` characters (None: no cut)."""
+    if _BAD.search(value):
+        value = _BAD.sub(REPLACEMENT, value)
+    if limit is not None and len(value) > limit:
+        value = value[:limit]
+    return value
+
+
+def clean_optional(value: Any, limit: int | None = TEXT_MAX) -> str | None:
+    """A text column's value: None stays None, anything else becomes clean text."""
+    if value is None:
+        return None
+    return clean_text(value if isinstance(value, str) else str(value), limit)
+
+
+def decode(raw: bytes | bytearray | memoryview | str, limit: int | None = TEXT_MAX) -> str:
+    """Bytes from the wire as clean text: invalid UTF-8 becomes U+FFFD."""
+    text = raw if isinstance(raw, str) else bytes(raw).decode("utf-8", "replace")
+    return clean_text(text, limit)
+
+
+def clean_tree(value: Any, limit: int | None = None) -> Any:
+    """A decoded JSON value with every string (keys too) cleaned; structure and other types unchanged.
+    Iterative, so a deeply nested value cannot exhaust the stack."""
+    if isinstance(value, str):
+        return clean_text(value, limit)
+    if not isinstance(value, (dict, list)):
+        return value
+    root: list[Any] = [None]
+    stack: list[tuple[Any, Any, Any]] = [(value, root, 0)]  # (source, parent container, key in parent)
+    while stack:
+        src, parent, key = stack.pop()
+        if isinstance(src, dict):
+            out: Any = {}
+            for k, v in src.items():
+                ck = clean_text(k, limit) if isinstance(k, str) else k
+                out[ck] = None
+                stack.append((v, out, ck))
+        elif isinstance(src, list):
+            out = [None] * len(src)
+            for i, v in enumerate(src):
+                stack.append((v, out, i))
+        else:
+            out = clean_text(src, limit) if isinstance(src, str) else src
+        parent[key] = out
+    return root[0]
