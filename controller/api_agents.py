@@ -11,13 +11,16 @@ from sanic.response import HTTPResponse
 from sanic_ext import openapi
 
 from . import store
-from .http import error, json_body, require_admin
+from .access import require_admin
+from .http import error, json_body
+from .params import ParamError, float_param, int_param, text_param
 from .registry import AgentRecord
 
 bp = Blueprint("agents")
 
 STATES = ("online", "offline", "lost", "stale", "ollama_down")
 MAX_TAGS, MAX_TAG_LEN, MAX_NAME_LEN, MAX_NOTES_LEN = 32, 40, 80, 4000
+EVENTS_MAX = 1000  # events in one page
 
 
 def _fleet(request: Request) -> Any:
@@ -41,12 +44,16 @@ def totals(agents: list[AgentRecord]) -> dict[str, Any]:
 @openapi.description("Every agent in the registry. Filters: `status` (online, offline, lost, stale, "
                      "ollama_down; comma-separated), `q` (substring of id, name, host, IP or tag).")
 async def list_agents(request: Request) -> HTTPResponse:
+    try:
+        status, q = text_param(request.args, "status"), (text_param(request.args, "q") or "").lower()
+    except ParamError as e:
+        return error(400, str(e))
     agents = sorted(_fleet(request).registry.agents.values(), key=lambda a: a.name)
     everything = totals(agents)
-    if status := request.args.get("status"):
+    if status:
         wanted = set(status.split(","))
         agents = [a for a in agents if a.status in wanted or a.state in wanted]
-    if q := (request.args.get("q") or "").lower():
+    if q:
         agents = [a for a in agents if q in " ".join([a.node_id, a.name, a.hostname, *a.info.get("ips", []),
                                                       *a.tags]).lower()]
     now = time.time()
@@ -80,8 +87,8 @@ async def agent_metrics(request: Request, agent_id: str) -> HTTPResponse:
     if isinstance(a, HTTPResponse):
         return a
     try:
-        since = float(request.args.get("since") or time.time() - 3600)
-    except ValueError:
+        since = float_param(request.args, "since", time.time() - 3600)
+    except ParamError:
         return error(400, "since must be epoch seconds")
     fleet = _fleet(request)
     return json({"agent_id": a.node_id, "samples": await fleet.store.read(store.query_metrics, a.node_id, since)})
@@ -128,8 +135,14 @@ async def disconnect_agent(request: Request, agent_id: str) -> HTTPResponse:
     a = _agent(request, agent_id)
     if isinstance(a, HTTPResponse):
         return a
-    pause: Any = (request.json or {}).get("pause_s") if request.body else None
-    if pause is not None and (not isinstance(pause, (int, float)) or not 0 < pause <= 86400):
+    body = json_body(request, optional=True)
+    if isinstance(body, HTTPResponse):
+        return body
+    if set(body) - {"pause_s"}:
+        return error(400, f"unknown field(s): {', '.join(sorted(set(body) - {'pause_s'}))}")
+    pause: Any = body.get("pause_s")
+    if pause is not None and (isinstance(pause, bool) or not isinstance(pause, (int, float))
+                              or not 0 < pause <= 86400):
         return error(400, "pause_s must be a number of seconds between 0 and 86400")
     fleet = _fleet(request)
     try:
@@ -159,15 +172,15 @@ async def delete_agent(request: Request, agent_id: str) -> HTTPResponse:
 @openapi.summary("Event log, newest first (filters: agent, kind, since; paging: limit, before)")
 async def events(request: Request) -> HTTPResponse:
     try:
-        limit = min(1000, max(1, int(request.args.get("limit", 100))))
-        since = float(request.args["since"]) if request.args.get("since") else None
-        before = int(request.args["before"]) if request.args.get("before") else None
-    except ValueError:
-        return error(400, "limit and before must be integers, since epoch seconds")
+        limit = int_param(request.args, "limit", 100, 1, EVENTS_MAX) or 100
+        since = float_param(request.args, "since", None)
+        before = int_param(request.args, "before", None, 1)
+        agent, kind = text_param(request.args, "agent"), text_param(request.args, "kind")
+    except ParamError as e:
+        return error(400, str(e))
     fleet = _fleet(request)
     await fleet.flush_registry()  # read-your-writes for events just emitted
-    rows = await fleet.store.read(store.query_events, request.args.get("agent"), request.args.get("kind"),
-                                  since, limit, before)
+    rows = await fleet.store.read(store.query_events, agent, kind, since, limit, before)
     return json({"events": rows, "next_before": rows[-1]["id"] if len(rows) == limit else None})
 
 
@@ -177,7 +190,9 @@ async def ingest_stats(request: Request) -> HTTPResponse:
     fleet = _fleet(request)
     s = fleet.store
     return json({**fleet.ingest.stats(), "hub_dropped": fleet.hub.dropped,
-                 "store": {"flushes": s.flushes, "rows_written": s.rows_written} if s else None})
+                 "store": {"flushes": s.flushes, "rows_written": s.rows_written,
+                           "rows_dropped": s.rows_dropped} if s else None,
+                 "request_log": fleet.proxy.requests.stats()})
 
 
 @bp.get("/healthz")

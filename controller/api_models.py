@@ -16,8 +16,10 @@ from fleet.model_names import normalize, valid_model_name
 
 from .catalogue import estimate_memory
 from .distribution import DistributionError, Distributor, has_model
-from .http import error, json_body, require_admin
+from .access import require_admin
+from .http import error, json_body
 from .jobs import STATUSES, JobLedger
+from .params import ParamError, int_param, text_param
 
 bp = Blueprint("models")
 
@@ -52,6 +54,10 @@ def _model_name(body: dict[str, Any]) -> str | HTTPResponse:
                      "(agent ids) and source (`catalogue` or `agents`). Filters: `q` (substring), `tag`. "
                      "Names outside the list can still be pulled when they are valid Ollama names.")
 async def available(request: Request) -> HTTPResponse:
+    try:
+        q, tag = (text_param(request.args, "q") or "").lower(), text_param(request.args, "tag")
+    except ParamError as e:
+        return error(400, str(e))
     dist = _dist(request)
     installed: dict[str, dict[str, Any]] = {}
     for a in sorted(dist.registry.agents.values(), key=lambda a: a.node_id):
@@ -67,9 +73,9 @@ async def available(request: Request) -> HTTPResponse:
         models.append({"name": entry["name"], "size": entry["size"], "description": "",
                        "required_memory": estimate_memory(entry["size"]) if entry["size"] else None,
                        "tags": [], "details": entry["details"], "installed_on": entry["agents"], "source": "agents"})
-    if q := (request.args.get("q") or "").lower():
+    if q:
         models = [m for m in models if q in m["name"].lower() or q in m["description"].lower()]
-    if tag := request.args.get("tag"):
+    if tag:
         models = [m for m in models if tag in m["tags"]]
     return json({"models": models, "source": "catalogue+agents", "catalogue": dist.catalogue.source})
 
@@ -194,8 +200,8 @@ async def matrix(request: Request) -> HTTPResponse:
 
 # ---- tasks ---------------------------------------------------------------------------------------
 def _csv(request: Request, name: str) -> list[str] | None:
-    raw = request.args.get(name)
-    return [x for x in raw.split(",") if x] if raw else None
+    raw = text_param(request.args, name)
+    return [x for x in raw.split(",") if x][:MAX_PAGE] if raw else None
 
 
 @bp.get("/api/tasks")
@@ -203,15 +209,16 @@ def _csv(request: Request, name: str) -> list[str] | None:
                  "paging: limit (<= 500, default 50), offset")
 async def list_tasks(request: Request) -> HTTPResponse:
     try:
-        limit = min(MAX_PAGE, max(1, int(request.args.get("limit", 50))))
-        offset = max(0, int(request.args.get("offset", 0)))
-    except ValueError:
-        return error(400, "limit and offset must be integers")
-    status = _csv(request, "status")
+        limit = int_param(request.args, "limit", 50, 1, MAX_PAGE) or 50
+        offset = int_param(request.args, "offset", 0) or 0
+        status = _csv(request, "status")
+        filters: dict[str, Any] = {k: _csv(request, k) for k in ("agent", "status", "origin", "verb", "group")}
+        model = _csv(request, "model")
+    except ParamError as e:
+        return error(400, str(e))
     if status and not set(status) <= set(STATUSES):
         return error(400, f"status must be among {', '.join(STATUSES)}")
-    filters: dict[str, Any] = {k: _csv(request, k) for k in ("agent", "status", "origin", "verb", "group")}
-    if model := _csv(request, "model"):
+    if model:
         # stored as given; match the common spellings of the same model
         filters["model"] = sorted({m for name in model for m in (name, normalize(name))})
     tasks, total = await _ledger(request).query(**filters, limit=limit, offset=offset)

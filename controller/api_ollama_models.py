@@ -11,7 +11,6 @@ fleet (see them at /api/tasks). Targets: query `agents=a,b` or header `X-Fleet-A
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from typing import Any
@@ -24,7 +23,8 @@ from sanic.response import json as json_response
 from fleet.model_names import valid_model_name
 
 from .distribution import DistributionError, Distributor, has_model
-from .http import bearer
+from .access import Role, authorize
+from .http import json_body
 from .jobs import JobLedger, JobRec
 from .registry import AgentRecord
 
@@ -54,25 +54,25 @@ def _line(obj: dict[str, Any]) -> str:
 
 
 def _denied(request: Request) -> HTTPResponse | None:
-    """Fleet-wide model changes: the admin token when one is set, else an API key when keys exist."""
+    """Fleet-wide model changes: the admin token when one is set; without one, an API key when keys are
+    in use (Ollama clients such as Open WebUI pull with theirs), else loopback clients only."""
     fleet = request.app.ctx.fleet
-    token = fleet.cfg.admin_token
-    if token:
-        if hmac.compare_digest(bearer(request).encode(), token.encode()):
-            return None
-        return _err(401, "unauthorized: fleet-wide model changes need `Authorization: Bearer <admin token>`")
-    proxy = getattr(fleet, "proxy", None)
-    return proxy.authorize(request, False)[1] if proxy is not None else None
+    if not fleet.cfg.admin_token and fleet.proxy.keys.enabled:
+        return fleet.proxy.authorize(request, False)[1]
+    return authorize(request, Role.ADMIN)
+
+
+BOOL_FIELDS = ("stream", "insecure")  # Ollama's *bool fields: a string there is its 400 too
 
 
 def _body(request: Request) -> dict[str, Any] | HTTPResponse:
-    if not (request.body or b"").strip():
-        return _err(400, "missing request body")
-    try:
-        body = json.loads(request.body)
-    except ValueError as e:
-        return _err(400, f"invalid JSON: {e}")
-    return body if isinstance(body, dict) else _err(400, "request body must be a JSON object")
+    body = json_body(request)  # bounded depth, clean strings
+    if isinstance(body, HTTPResponse):
+        return body
+    for name in BOOL_FIELDS:
+        if body.get(name) is not None and not isinstance(body[name], bool):
+            return _err(400, f"{name} must be true or false")
+    return body
 
 
 def _name(body: dict[str, Any], *keys: str) -> str | None:
@@ -135,6 +135,17 @@ async def _wait_done(ledger: JobLedger, recs: list[JobRec], timeout: float | Non
         return False
     finally:
         ledger.unwatch(ids, ev)
+
+
+MISSING = ("file does not exist", "not found")  # how Ollama says the registry has no such model
+
+
+def _failure_status(recs: list[JobRec]) -> int:
+    """404 when every failed job found no such model (the client's mistake); else Ollama's own 500."""
+    failed = [r for r in recs if r.status != "completed"]
+    if failed and all(any(m in (r.error or "").lower() for m in MISSING) for r in failed):
+        return 404
+    return 500
 
 
 def _failures(model: str, verb: str, recs: list[JobRec]) -> str | None:
@@ -204,7 +215,8 @@ async def pull(request: Request) -> HTTPResponse | None:
     if body.get("stream", True) is False:
         await _wait_done(ledger, recs)
         failure = _failures(model, "pull", recs)
-        return _err(500, failure) if failure else json_response({"status": "success"}, headers=headers)
+        return _err(_failure_status(recs), failure) if failure else json_response({"status": "success"},
+                                                                                 headers=headers)
     resp = await request.respond(content_type=NDJSON, headers=headers)
     await resp.send(_line({"status": "pulling manifest"}))
     merged = MergedProgress(recs)
@@ -304,6 +316,10 @@ async def create(request: Request) -> HTTPResponse | None:
     if isinstance(parsed, HTTPResponse):
         return parsed
     body, (model,) = parsed
+    for field in ("files", "adapters"):  # {file name: blob digest}, as Ollama's CreateRequest has them
+        value = body.get(field)
+        if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+            return _err(400, f"{field} must be an object of file names to blob digests")
     if body.get("files") or body.get("adapters"):
         return _err(501, "create from uploaded files or adapters is not supported through the fleet controller: "
                          "the blobs would have to reach every agent. Create the model on one agent's Ollama "
@@ -321,7 +337,10 @@ async def create(request: Request) -> HTTPResponse | None:
     failure = f"create of {model} failed on " + "; ".join(bad) if bad else None
     headers = {"X-Fleet-Agents": ",".join(a.node_id for a in chosen)}
     if body.get("stream", True) is False:
-        return _err(500, failure) if failure else json_response({"status": "success"}, headers=headers)
+        # every agent refused the request (4xx): that is the client's error, answered with its status
+        refused = sorted({s for _, s, _ in results if s >= 400})
+        status = refused[0] if refused and refused[-1] < 500 else 500
+        return _err(status, failure) if failure else json_response({"status": "success"}, headers=headers)
     resp = await request.respond(content_type=NDJSON, headers=headers)
     await resp.send(_line({"status": f"creating {model} from {source} on {len(chosen)} agent(s)"}))
     for a, s, _ in results:

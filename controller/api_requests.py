@@ -10,6 +10,7 @@ from sanic_ext import openapi
 
 from . import requestlog
 from .http import error
+from .params import INT_MAX, ParamError, int_param
 
 bp = Blueprint("requests")
 
@@ -27,12 +28,13 @@ async def list_requests(request: Request) -> HTTPResponse:
     except ValueError as e:
         return error(400, str(e))
     try:
-        page = int(request.args.get("page", 1))
-        per_page = int(request.args.get("per_page", requestlog.PAGE_SIZES[0]))
-    except ValueError:
-        return error(400, "page and per_page must be integers")
-    if per_page not in requestlog.PAGE_SIZES or page < 1:
-        return error(400, f"per_page must be one of {', '.join(map(str, requestlog.PAGE_SIZES))}; page >= 1")
+        # page * per_page becomes an SQL OFFSET: keep it within 64-bit integers
+        page = int_param(request.args, "page", 1, 1, INT_MAX // max(requestlog.PAGE_SIZES)) or 1
+        per_page = int_param(request.args, "per_page", requestlog.PAGE_SIZES[0], 1, max(requestlog.PAGE_SIZES))
+    except ParamError as e:
+        return error(400, str(e))
+    if per_page not in requestlog.PAGE_SIZES:
+        return error(400, f"per_page must be one of {', '.join(map(str, requestlog.PAGE_SIZES))}")
     export = request.args.get("export")
     if export not in (None, "csv", "json"):
         return error(400, "export must be csv or json")

@@ -7,20 +7,24 @@ import contextlib
 import logging
 import socket
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sanic import Sanic
 from sanic_ext import Extend
 
 from fleet import __version__
-from fleet.settings import Config
+from fleet.settings import Config, ConfigError
 
+from . import access, origin, peer
 from . import db as dbm
+from .auth_web import Sessions, load_sessions
 from .hub import Hub
 from .ingest import Ingest
 from .proxy import Proxy
 from .registry import Registry
-from .store import Store, load_registry, prune
+from .store import Store, load_registry, prune, transient
+from .throttle import Throttle
 
 log = logging.getLogger("fleet.controller")
 
@@ -102,15 +106,19 @@ class Fleet:
                 await asyncio.wait_for(asyncio.shield(self._tasks[-1]), 5)
 
     async def flush_registry(self) -> None:
-        """Write what the registry changed; on failure the rows go back to be written next time.
+        """Write what the registry changed; on a transient failure (database locked or away) the rows go
+        back to be written next time. Bad rows never come back: the store drops them and writes the rest.
         Also a read barrier: after it, reads see every earlier write."""
         if self.store is None:
             return
         batch = self.registry.drain()
         try:
             await self.store.flush(batch)
-        except Exception:
-            self.registry.requeue(batch)
+        except Exception as exc:
+            if transient(exc):
+                self.registry.requeue(batch)
+            else:  # not the database's state but the batch itself: requeued, it would fail forever
+                self.store.stats.dropped += batch.size()
             raise
 
     async def _cancel_tasks(self) -> None:
@@ -165,6 +173,21 @@ def _port_free(port: int) -> bool:
             return False
 
 
+def check_security(cfg: Config) -> None:
+    """Refuse settings that would quietly be less safe than they look; warn about open ones."""
+    if cfg.viewer_token and not cfg.admin_token:
+        raise ConfigError("viewer_token needs admin_token: without it the fleet has no read protection to relax")
+    if cfg.viewer_token and cfg.viewer_token == cfg.admin_token:
+        raise ConfigError("viewer_token must differ from admin_token")
+    try:
+        peer.check_config(cfg.trusted_proxies or ())
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not cfg.admin_token and not origin.is_loopback_bind(str(cfg.host)):
+        log.warning("no admin_token: the dashboard and management API answer loopback clients only; set "
+                    "admin_token to manage the fleet from %s (docs/security.md)", cfg.host)
+
+
 def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet") -> Sanic:
     app = Sanic(name, configure_logging=False)
     app.config.MOTD = False
@@ -176,9 +199,16 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.API_TITLE = "ollama-fleet controller"
     app.config.API_VERSION = __version__
+    app.config.CORS = False  # controller/origin.py answers CORS itself, from allowed_origins
     Extend(app)
+    check_security(cfg)
     fleet = Fleet(cfg)
     app.ctx.fleet = fleet
+    app.ctx.throttle = Throttle()
+    app.ctx.sessions = Sessions()
+    app.on_request(origin.check)  # first: a foreign page or host name is refused before anything else
+    app.on_request(access.guard)
+    app.on_response(origin.decorate)
 
     from . import api_agents, api_proxy, api_requests, api_unsupported
 
@@ -190,6 +220,8 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     @app.before_server_start
     async def _start(app: Sanic) -> None:
         await fleet.start(with_local_agent)
+        assert fleet.store is not None
+        app.ctx.sessions.load(await fleet.store.read(load_sessions))
 
     @app.before_server_stop
     async def _stop(app: Sanic) -> None:

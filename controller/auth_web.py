@@ -1,9 +1,12 @@
-"""Dashboard login: a signed session cookie (HttpOnly, SameSite=Strict) and a per-session CSRF token.
+"""Dashboard login: server-side sessions behind an HttpOnly, SameSite=Strict cookie, and CSRF tokens.
 
-Only active when `admin_token` is set: the login form asks for that token. The session is stateless
-(expiry, nonce and an HMAC keyed by the admin token), so it survives controller restarts and every
-session ends when the token changes. The CSRF token is derived from the session's nonce; state-changing
-requests authorised by the cookie must echo it (`X-CSRF-Token` header or `csrf_token` form field).
+Only active when `admin_token` is set: the login form takes the admin token (full access) or the
+`viewer_token` (read-only). The cookie holds a random session id; the server keeps only its SHA-256,
+the role and the expiry (table `websession`, so sessions survive a restart), and logging out deletes
+it. A session also ends when the token it was opened with changes. The CSRF token is derived from the
+session id, which scripts in other origins cannot read; state-changing requests authorised by the
+cookie must echo it (`X-CSRF-Token` header or `csrf_token` form field). `Secure` is set when the
+browser reached us over TLS, directly or through a trusted reverse proxy (`trusted_proxies`).
 """
 
 from __future__ import annotations
@@ -15,62 +18,120 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
+import peewee as pw
 from sanic import Request
-from sanic.response import HTTPResponse, json, redirect
+from sanic.response import HTTPResponse, html, json, redirect
+
+from .db import Base, register_models
 
 COOKIE = "fleet_session"
 SESSION_TTL = 12 * 3600  # seconds
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_SESSIONS = 10_000  # live sessions kept; the oldest go first (bounded memory)
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"
 
 Handler = Callable[..., Awaitable[Any]]
 
 
+class WebSession(Base):
+    id_hash = pw.CharField(max_length=64, primary_key=True)
+    role = pw.CharField(max_length=16)
+    token_fp = pw.CharField(max_length=64)  # which token opened it: a changed token ends the session
+    expires = pw.FloatField()
+
+
+register_models(WebSession)
+
+
 @dataclass(frozen=True)
 class Session:
-    nonce: str
+    id_hash: str
+    role: str
+    token_fp: str
     expires: float
     csrf: str
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fingerprint(token: str) -> str:
+    return _hash("ollama-fleet session token\0" + token)
+
+
+def _session(id_hash: str, role: str, token_fp: str, expires: float) -> Session:
+    return Session(id_hash, role, token_fp, expires, _hash("csrf\0" + id_hash)[:32])
+
+
+class Sessions:
+    """Live sessions in memory, written through to the database by the caller (`rows` for load)."""
+
+    def __init__(self) -> None:
+        self._by_hash: dict[str, Session] = {}
+
+    def load(self, rows: list[dict[str, Any]], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for r in rows:
+            if r["expires"] > now:
+                self._by_hash[r["id_hash"]] = _session(r["id_hash"], r["role"], r["token_fp"], r["expires"])
+
+    def open(self, role: str, token: str) -> tuple[str, Session]:
+        """A new session: (the cookie value, to give the browser only; the session)."""
+        sid = secrets.token_urlsafe(32)
+        s = _session(_hash(sid), role, fingerprint(token), time.time() + SESSION_TTL)
+        self._by_hash[s.id_hash] = s
+        while len(self._by_hash) > MAX_SESSIONS:
+            del self._by_hash[next(iter(self._by_hash))]
+        return sid, s
+
+    def get(self, cookie: str, tokens: dict[str, str]) -> Session | None:
+        """The live session of this cookie, when the token of its role is still the one it was opened with."""
+        s = self._by_hash.get(_hash(cookie))
+        if s is None:
+            return None
+        token = tokens.get(s.role, "")
+        if s.expires < time.time() or not token or not hmac.compare_digest(s.token_fp, fingerprint(token)):
+            self._by_hash.pop(s.id_hash, None)
+            return None
+        return s
+
+    def close(self, id_hash: str) -> None:
+        self._by_hash.pop(id_hash, None)
+
+
+def save_session(s: Session) -> None:
+    WebSession.insert(id_hash=s.id_hash, role=s.role, token_fp=s.token_fp, expires=s.expires).execute()
+    WebSession.delete().where(WebSession.expires < time.time()).execute()
+
+
+def delete_session(id_hash: str) -> None:
+    WebSession.delete().where(WebSession.id_hash == id_hash).execute()
+
+
+def load_sessions() -> list[dict[str, Any]]:
+    return cast(list[dict[str, Any]], list(WebSession.select().where(WebSession.expires > time.time()).dicts()))
 
 
 def admin_token(request: Request) -> str:
     return str(request.app.ctx.fleet.cfg.admin_token or "")
 
 
-def _key(token: str) -> bytes:
-    return hashlib.sha256(b"ollama-fleet dashboard session\0" + token.encode()).digest()
-
-
-def _sign(key: bytes, text: str) -> str:
-    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
-
-
-def new_cookie(token: str, now: float | None = None) -> str:
-    body = f"{int((now or time.time()) + SESSION_TTL)}.{secrets.token_hex(16)}"
-    return f"{body}.{_sign(_key(token), body)}"
-
-
-def read_cookie(token: str, value: str, now: float | None = None) -> Session | None:
-    try:
-        expires, nonce, sig = value.split(".")
-        exp = float(expires)
-    except ValueError:
-        return None
-    key = _key(token)
-    if not hmac.compare_digest(sig, _sign(key, f"{expires}.{nonce}")) or exp < (now or time.time()):
-        return None
-    return Session(nonce, exp, _sign(key, "csrf\0" + nonce)[:32])
+def role_tokens(request: Request) -> dict[str, str]:
+    cfg = request.app.ctx.fleet.cfg
+    return {"admin": str(cfg.admin_token or ""), "viewer": str(cfg.viewer_token or "") if cfg.admin_token else ""}
 
 
 def session(request: Request) -> Session | None:
-    """The request's dashboard session, when auth is on and the cookie is valid."""
-    token = admin_token(request)
+    """The request's dashboard session, when auth is on and the cookie names a live session."""
     value = request.cookies.get(COOKIE)
-    return read_cookie(token, value) if token and value else None
+    if not value or not admin_token(request) or len(value) > 128:
+        return None
+    sessions: Sessions = request.app.ctx.sessions
+    return sessions.get(value, role_tokens(request))
 
 
 def csrf_ok(request: Request, s: Session) -> bool:
@@ -80,30 +141,40 @@ def csrf_ok(request: Request, s: Session) -> bool:
     return bool(sent) and hmac.compare_digest(sent.encode(), s.csrf.encode())
 
 
-def session_denial(request: Request) -> HTTPResponse | None:
-    """For require_admin: None when a dashboard session authorises this request (CSRF checked on writes)."""
-    s = session(request)
-    if s is None:
-        return json({"error": "unauthorized: this endpoint needs `Authorization: Bearer <admin token>`"},
-                    status=401)
-    if request.method not in SAFE_METHODS and not csrf_ok(request, s):
-        return json({"error": "forbidden: missing or invalid CSRF token"}, status=403)
-    return None
-
-
 def login_required(handler: Handler) -> Handler:
-    """Dashboard pages: redirect to the login page when auth is on and there is no session."""
+    """Dashboard pages: a live session when auth is on (else the login form); loopback-only when it is off."""
 
     @wraps(handler)
     async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse:
-        if admin_token(request) and session(request) is None:
+        from .access import Role, authorize
+
+        if admin_token(request) and session(request) is None and not request.headers.get("authorization"):
             if request.path.startswith(("/dashboard/stream", "/dashboard/data/")):
                 return json({"error": "login required"}, status=401)
             target = request.path + (f"?{request.query_string}" if request.query_string else "")
             return redirect(f"/dashboard/login?next={quote(target, safe='')}", status=303)
+        denied = authorize(request, Role.VIEWER)
+        if denied is not None:
+            if wants_html(request) and denied.status == 403:
+                return html(_FORBIDDEN.format(message=_message(denied)), status=403)
+            return denied
         return await handler(request, *args, **kwargs)
 
     return wrapper
+
+
+_FORBIDDEN = ("<!doctype html><title>ollama-fleet: forbidden</title><h1>Forbidden</h1><p>{message}</p>"
+              "<p>See docs/security.md.</p>")
+
+
+def _message(resp: HTTPResponse) -> str:
+    import html as htmllib
+    import json as jsonlib
+
+    try:
+        return htmllib.escape(str(jsonlib.loads(resp.body or b"{}").get("error", "")))
+    except ValueError:
+        return "forbidden"
 
 
 def safe_next(value: str | None) -> str:
@@ -113,8 +184,8 @@ def safe_next(value: str | None) -> str:
     return "/dashboard"
 
 
-def set_session(resp: HTTPResponse, token: str, secure: bool) -> None:
-    resp.add_cookie(COOKIE, new_cookie(token), path="/", httponly=True, samesite="Strict", secure=secure,
+def set_cookie(resp: HTTPResponse, value: str, secure: bool) -> None:
+    resp.add_cookie(COOKIE, value, path="/", httponly=True, samesite="Strict", secure=secure,
                     max_age=SESSION_TTL)
 
 

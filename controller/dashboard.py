@@ -6,7 +6,6 @@ Actions in the pages call the management API (`/api/...`) with the session cooki
 
 from __future__ import annotations
 
-import hmac
 import json as jsonlib
 import time
 from typing import Any
@@ -18,9 +17,11 @@ from sanic.response import HTTPResponse, html, json, raw, redirect
 
 from fleet import __version__
 
-from . import auth_web, requestlog
+from . import access, auth_web, requestlog
 from . import dashboard_data as data
+from .peer import is_tls
 from .dashboard_ui import EVENTS_PAGE, UI, WEB, sections, setup
+from .params import INT_MAX, ParamError, int_param, text_param
 from .sse import Stream
 
 bp = Blueprint("dashboard")
@@ -130,11 +131,7 @@ async def requests_page(request: Request) -> HTTPResponse:
     query = {k: v for k, v in args.items() if v and k != "period"}
     if args["period"]:
         query["since"] = str(int(time.time() - PERIODS[args["period"]]))
-    try:
-        per_page = int(request.args.get("per_page") or 25)
-        page_no = max(1, int(request.args.get("page") or 1))
-    except ValueError:
-        per_page, page_no = 25, 1
+    per_page, page_no = _lenient_int(request, "per_page", 25), _lenient_int(request, "page", 1)
     if per_page not in requestlog.PAGE_SIZES:
         per_page = 25
     error, result = None, {"requests": [], "total": 0, "pages": 0, "page": page_no, "per_page": per_page}
@@ -175,17 +172,25 @@ def _request_row(rid: str) -> dict[str, Any] | None:
 @auth_web.login_required
 async def events_page(request: Request) -> HTTPResponse:
     ui = _ui(request)
-    agent, kind = request.args.get("agent") or None, request.args.get("kind") or None
     try:
-        before = int(request.args["before"]) if request.args.get("before") else None
-    except ValueError:
-        before = None
+        agent, kind = text_param(request.args, "agent"), text_param(request.args, "kind")
+    except ParamError:
+        agent = kind = None
+    before: int | None = _lenient_int(request, "before", 0) or None  # pages forgive: a bad value shows page 1
     events = await ui.recent_events(agent, kind, EVENTS_PAGE, before)
     older = events[-1]["id"] if len(events) == EVENTS_PAGE else None
     stream = _stream_url("events", agent=agent, kind=kind) if before is None else _stream_url("pulse")
     return await page(request, "events.html", "events", stream, agent=agent or "", kind=kind or "",
                       rows=await ui.event_rows(events, "event-rows"), older=older, before=before,
                       agents=sorted(ui.agents), urlencode=urlencode)
+
+
+def _lenient_int(request: Request, name: str, default: int) -> int:
+    """Page links and hand-edited URLs: a bad or out-of-range value falls back to the default."""
+    try:
+        return int_param(request.args, name, default, 1, INT_MAX // 100) or default
+    except ParamError:
+        return default
 
 
 # ---- live data -----------------------------------------------------------------------------------
@@ -223,18 +228,22 @@ async def login_form(request: Request) -> HTTPResponse:
 
 @bp.post("/dashboard/login")
 async def login(request: Request) -> HTTPResponse:
-    token = auth_web.admin_token(request)
     form: Any = request.form or {}
     nxt = auth_web.safe_next(form.get("next"))
-    if not token:
+    if not auth_web.admin_token(request):
         return redirect(nxt, status=303)
-
-    given = (form.get("token") or "").strip()
-    if not hmac.compare_digest(given.encode(), token.encode()):
+    if denied := access.throttled(request):
+        return denied
+    given = str(form.get("token") or "").strip()
+    role = access.token_role(request, given) if given else None
+    if role is None:
+        access.failed(request, "dashboard login")
         return await page(request, "login.html", "login", status=401, next=nxt,
-                          error="That admin token is not correct.")
+                          error="That token is not correct.")
+    cookie, s = request.app.ctx.sessions.open(role.value, auth_web.role_tokens(request)[role.value])
+    await request.app.ctx.fleet.store.write(auth_web.save_session, s)
     resp = redirect(nxt, status=303)
-    auth_web.set_session(resp, token, secure=request.scheme == "https")
+    auth_web.set_cookie(resp, cookie, secure=is_tls(request))
     return resp
 
 
@@ -245,6 +254,8 @@ async def logout(request: Request) -> HTTPResponse:
         return redirect("/dashboard/login", status=303)
     if not auth_web.csrf_ok(request, s):
         return json({"error": "forbidden: missing or invalid CSRF token"}, status=403)
+    request.app.ctx.sessions.close(s.id_hash)  # ended on the server: a copied cookie stops working too
+    await request.app.ctx.fleet.store.write(auth_web.delete_session, s.id_hash)
     resp = redirect("/dashboard/login", status=303)
     auth_web.clear_session(resp)
     return resp

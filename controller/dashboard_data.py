@@ -7,8 +7,6 @@ browsers cost no more than one.
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,6 +18,7 @@ from fleet.model_names import normalize
 from .api_agents import STATES
 from .catalogue import estimate_memory
 from .db import MetricSample, db
+from .exports import to_csv
 from .registry import AgentRecord
 from .requestlog import RequestRecord
 
@@ -100,20 +99,11 @@ class AgentQuery:
         return urlencode({k: v for k, v in p.items() if v})
 
 
-def _cell(v: Any) -> Any:
-    """Names and tags come from agents and operators: never let a spreadsheet read them as formulas."""
-    return "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
-
-
 def agents_csv(rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        row = {**r, "ips": " ".join(r["ips"]), "tags": " ".join(r["tags"]),
-               "last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["last_seen"]))}
-        w.writerow({k: _cell(v) for k, v in row.items()})
-    return out.getvalue()
+    """Names and tags come from agents and operators: exports.to_csv keeps them from being formulas."""
+    return to_csv(({**r, "ips": " ".join(r["ips"]), "tags": " ".join(r["tags"]),
+                    "last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["last_seen"]))} for r in rows),
+                  CSV_COLUMNS)
 
 
 # ---- overview ------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""Small helpers shared by the HTTP blueprints: error shape, admin auth, JSON body parsing."""
+"""Small helpers shared by the HTTP blueprints: error shape, the bearer credential, JSON body parsing."""
 
 from __future__ import annotations
 
 import hmac
+import json as jsonlib
 from functools import wraps
 from typing import Any, Awaitable, Callable
 
 from sanic import Request, json
 from sanic.response import HTTPResponse
+
+from fleet.sanitize import clean_tree
 
 Handler = Callable[..., Awaitable[HTTPResponse]]
 
@@ -22,30 +25,59 @@ def bearer(request: Request) -> str:
     return header[7:].strip() if header.lower().startswith("bearer ") else ""
 
 
-def require_admin(handler: Handler) -> Handler:
-    """Management endpoints need the admin token when one is configured."""
-
-    @wraps(handler)
-    async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse:
-        token = request.app.ctx.fleet.cfg.admin_token
-        if token and not hmac.compare_digest(bearer(request).encode(), token.encode()):
-            from .auth_web import session_denial  # a dashboard session (cookie + CSRF token) also authorises
-
-            denied = session_denial(request)
-            if denied is not None:
-                return denied
-        return await handler(request, *args, **kwargs)
-
-    return wrapper
+MAX_JSON_DEPTH = 64  # nesting levels; LLM bodies (messages, tool schemas) need far fewer
 
 
-def json_body(request: Request) -> dict[str, Any] | HTTPResponse:
-    if not request.body:
-        return error(400, "missing request body")
+class JSONError(ValueError):
+    """A body that is not acceptable JSON; the message is meant for the client."""
+
+
+def _no_constant(name: str) -> Any:
+    raise JSONError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes | bytearray | str) -> Any:
+    """Strict, bounded json.loads: raises JSONError (a ValueError) for invalid JSON, NaN/Infinity,
+    integers beyond Python's digit limit and nesting deeper than MAX_JSON_DEPTH. Never RecursionError."""
     try:
-        body = request.json
-    except Exception:
-        return error(400, "invalid JSON body")
+        value = jsonlib.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise JSONError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except JSONError:
+        raise
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
+        raise JSONError(str(e)) from None
+    # Cheap bound first: fewer openers than the limit cannot nest deeper than it (the usual case).
+    openers = raw.count("[") + raw.count("{") if isinstance(raw, str) else raw.count(b"[") + raw.count(b"{")
+    if openers > MAX_JSON_DEPTH and _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise JSONError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Iterative: a recursive walk is what deep input would break."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def json_body(request: Request, optional: bool = False) -> dict[str, Any] | HTTPResponse:
+    """The request's JSON object, strings cleaned (fleet.sanitize), or a 400 in the API's error shape.
+    `optional`: no body (or only whitespace) is an empty object."""
+    if not request.body or not request.body.strip():
+        return {} if optional else error(400, "missing request body")
+    try:
+        body = parse_json(request.body)
+    except JSONError as e:
+        return error(400, f"invalid JSON body: {e}")
     if not isinstance(body, dict):
         return error(400, "request body must be a JSON object")
-    return body
+    return clean_tree(body)
+

@@ -1,7 +1,8 @@
 """API keys for the proxy endpoints: stored as SHA-256 of a high-entropy random key, shown once.
 
-No key in the database -> the proxy is open. One or more active keys -> every proxy request needs
-`Authorization: Bearer <key>` (what the ollama and openai SDKs send). The controller re-reads the
+No key ever created -> the proxy is open. Once a key exists, every proxy request needs
+`Authorization: Bearer <key>` (what the ollama and openai SDKs send) -- also after the last key is
+revoked: keys fail closed. Only `fleet keys purge` (deleting revoked keys) can open the proxy again. The controller re-reads the
 active set every few seconds, so `fleet keys add|revoke` take effect without a restart.
 """
 
@@ -69,15 +70,30 @@ def active() -> dict[str, str]:
     return {r.hash: r.name for r in ApiKey.select(ApiKey.hash, ApiKey.name).where(ApiKey.revoked.is_null())}
 
 
+def state() -> tuple[dict[str, str], bool]:
+    """(active keys, whether keys are in use at all: any key row, revoked ones included)."""
+    return active(), ApiKey.select().exists()
+
+
+def purge() -> int:
+    """Delete revoked keys; when no active key is left, the proxy is open again. Returns the rows deleted."""
+    return ApiKey.delete().where(ApiKey.revoked.is_null(False)).execute()
+
+
 class KeyRing:
     """The controller's in-memory copy of the active keys (refreshed by the proxy's reloader)."""
 
     def __init__(self) -> None:
         self.hashes: dict[str, str] = {}
+        self.in_use = False
+
+    def load(self, hashes: dict[str, str], in_use: bool) -> None:
+        self.hashes, self.in_use = hashes, in_use or bool(hashes)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.hashes)
+        """Keys are required: once any key was created, until `fleet keys purge` leaves none."""
+        return self.in_use or bool(self.hashes)
 
     def check(self, bearer: str) -> str | None:
         """The key's name when `bearer` is an active key."""

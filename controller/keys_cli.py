@@ -1,4 +1,4 @@
-"""`fleet keys add NAME | list | revoke ID|NAME|PREFIX`: API keys in the controller's database.
+"""`fleet keys add NAME | list | revoke ID|NAME|PREFIX | purge`: API keys in the controller's database.
 
 Kept free of heavy imports: `fleet/cli.py` imports this module to build its parser.
 """
@@ -24,7 +24,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--json", action="store_true", help="Print JSON.")
     rv = sub.add_parser("revoke", help="Revoke a key by id, name or shown prefix.")
     rv.add_argument("ref")
-    for p in (add, ls, rv):
+    pg = sub.add_parser("purge", help="Delete revoked keys. Keys fail closed: revoking the last key keeps the "
+                                      "proxy locked; purging them when none is active opens it again.")
+    for p in (add, ls, rv, pg):
         _database_flags(p)
 
 
@@ -60,6 +62,12 @@ def run(args: argparse.Namespace) -> int:
                 for r in rows:
                     state = "revoked " + _when(r["revoked"]) if r["revoked"] else "active"
                     print(f"{r['id']:>4}  {r['prefix']}...  {r['name']:<24} {_when(r['created'])}  {state}")
+            return 0
+        if args.keys_command == "purge":
+            n = keys.purge()
+            left = len(keys.active())
+            print(f"deleted {n} revoked key{'s' if n != 1 else ''}; "
+                  + (f"{left} active: the proxy still needs a key" if left else "no keys left: the proxy is OPEN"))
             return 0
         revoked = keys.revoke(args.ref)
         if not revoked:

@@ -21,13 +21,17 @@ from sanic import Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
+from fleet.sanitize import clean_text
 from fleet.settings import Config
 
-from .http import bearer
-from .keys import KeyRing, active
+from .http import bearer, parse_json
+from .keys import KeyRing
+from .keys import state as key_state
+from .peer import client_ip
 from .registry import AgentRecord, Registry
-from .requestlog import RequestLog, prune_rows, write_rows
+from .requestlog import RequestLog, prune_rows, replay_journal, write_rows
 from .router import Decision, NoRoute, Router, normalize_model
+from .throttle import too_many
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("fleet.proxy")
@@ -50,6 +54,7 @@ TAIL_BYTES = 32 * 1024  # end of each answer kept to read token counts and in-ba
 KEYS_RELOAD_EVERY = 2.0  # seconds: `fleet keys add|revoke` take effect within this
 PRUNE_EVERY = 600.0
 ERROR_TEXT_MAX = 500
+JOURNAL_DIR = "requests.journal"  # under data_dir
 
 _PROMPT_RE = re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"(?:eval_count|completion_tokens|output_tokens)"\s*:\s*(\d+)')
@@ -155,18 +160,35 @@ class Proxy:
         self.upstream: UpstreamPool | None = None
         self.store: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._flush_lock = asyncio.Lock()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self, store: Any) -> None:
         self.store = store
         cfg = self.cfg
+        await self._open_journal(store)
         self.upstream = UpstreamPool(float(cfg.proxy_connect_timeout), float(cfg.proxy_read_timeout))
-        self.keys.hashes = await store.read(active)
+        self.keys.load(*await store.read(key_state))
         self._tasks = [
             asyncio.create_task(self._every(float(cfg.flush_interval), self.flush), name="proxy-log-flush"),
             asyncio.create_task(self._every(KEYS_RELOAD_EVERY, self._reload_keys), name="proxy-keys"),
             asyncio.create_task(self._every(PRUNE_EVERY, self._prune, first=0.0), name="proxy-log-prune"),
         ]
+
+    async def _open_journal(self, store: Any) -> None:
+        """The request log's journal in data_dir; segments a crash left behind are written first."""
+        try:
+            self.requests = RequestLog(self.cfg.data_path / JOURNAL_DIR)
+        except OSError as e:
+            log.error("request log journal unavailable (%s): rows reach the database only when flushed", e)
+            return
+        journal = self.requests.journal
+        assert journal is not None
+        if journal.leftover:
+            read, dropped = await store.write(replay_journal, journal.leftover)
+            self.requests.replayed, self.requests.dropped = read - dropped, dropped
+            log.info("request log: %d rows recovered from the journal (%d unreadable or refused)", read - dropped,
+                     dropped)
 
     async def stop(self) -> None:
         """Never raises: the registry's own shutdown flush comes after this."""
@@ -176,25 +198,33 @@ class Proxy:
         self._tasks = []
         if self.upstream is not None:
             self.upstream.close()
+        committed = False
         if self.store is not None:
             try:
                 await self.flush()
+                committed = True
             except Exception:
-                log.exception("request log: final flush failed; %d rows lost", len(self.requests.drain()))
+                log.exception("request log: final flush failed; its %d rows stay in the journal %s for the next "
+                              "start", len(self.requests.drain()[0]), self.requests.stats()["journal"])
+        if self.requests.journal is not None:
+            self.requests.journal.close(committed)
 
     async def flush(self, barrier: bool = False) -> None:
-        """Write buffered rows. `barrier`: also wait for a write the periodic flusher has in progress
-        (the writer thread runs in order), so a read that follows sees every finished request."""
-        rows = self.requests.drain()
-        if rows or barrier:
-            try:
-                await self.store.write(write_rows, rows)
-            except Exception:
-                self.requests.requeue(rows)
-                raise
+        """Write buffered rows. `barrier`: also wait for a write the periodic flusher has in progress,
+        so a read that follows sees every finished request. One flush at a time: a journal segment is
+        deleted only when every row in it is committed."""
+        async with self._flush_lock:
+            rows, sealed = self.requests.drain()
+            if rows or barrier:
+                try:
+                    _, dropped = await self.store.write(write_rows, rows)
+                except Exception:
+                    self.requests.requeue(rows)
+                    raise
+                self.requests.committed(sealed, dropped)
 
     async def _reload_keys(self) -> None:
-        self.keys.hashes = await self.store.read(active)
+        self.keys.load(*await self.store.read(key_state))
 
     async def _prune(self) -> None:
         days = float(self.cfg.request_log_retention_days)
@@ -211,12 +241,20 @@ class Proxy:
 
     # ---- auth --------------------------------------------------------------------------------
     def authorize(self, request: Request, openai: bool) -> tuple[str | None, HTTPResponse | None]:
-        """(key name, None) when allowed; (None, 401 in the API's shape) otherwise. Open when no keys exist."""
+        """(key name, None) when allowed; (None, 401/429 in the API's shape) otherwise. Open only while no
+        key was ever created (keys fail closed); wrong keys are throttled per client and fleet-wide."""
         if not self.keys.enabled:
             return None, None
-        name = self.keys.check(bearer(request))
+        throttle = request.app.ctx.throttle
+        addr = client_ip(request)
+        if wait := throttle.retry_after(addr):
+            return None, too_many(openai, wait)
+        given = bearer(request)
+        name = self.keys.check(given)
         if name is not None:
             return name, None
+        if given:
+            throttle.failed(addr, "API key")
         return None, error_response(openai, 401, "unauthorized: a valid API key is required "
                                     "(Authorization: Bearer <key>)", "invalid_api_key" if openai else None)
 
@@ -224,7 +262,7 @@ class Proxy:
     async def forward(self, request: Request, ep: Endpoint) -> HTTPResponse | None:
         t0 = time.perf_counter()
         rec: dict[str, Any] = {
-            "rid": os.urandom(8).hex(), "ts": time.time(), "client": request.remote_addr or request.ip,
+            "rid": os.urandom(8).hex(), "ts": time.time(), "client": client_ip(request),
             "key": None, "endpoint": ep.path, "model": None, "stream": False, "agent": None, "status": 0,
             "attempts": 0, "ttfb_ms": None, "duration_ms": 0.0, "prompt_tokens": None,
             "completion_tokens": None, "error": None, "failover": None,
@@ -239,8 +277,17 @@ class Proxy:
         finally:
             if resp is not None and not rec["status"]:
                 rec["status"] = resp.status
-            rec["duration_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-            self.requests.add(rec)
+            self._finish(rec, t0)
+
+    def _finish(self, rec: dict[str, Any], t0: float) -> None:
+        """Log the request, once. Called before the answer's last byte is handed to the socket (a returned
+        response is written by Sanic after this): the journal append is synchronous, so a request whose
+        client saw the whole answer is on disk even if the controller is SIGKILLed right after."""
+        if rec.get("_logged"):
+            return
+        rec["_logged"] = True
+        rec["duration_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        self.requests.add(rec)
 
     async def _forward(self, request: Request, ep: Endpoint, rec: dict[str, Any],
                        t0: float) -> HTTPResponse | None:
@@ -252,7 +299,7 @@ class Proxy:
         if not raw:
             return self._reject(rec, ep, 400, "missing request body" if not ep.openai else "EOF")
         try:
-            body = json.loads(raw)
+            body = parse_json(raw)  # bounded depth: no RecursionError (500) from nested input
         except ValueError as e:
             return self._reject(rec, ep, 400, f"invalid JSON body: {e}")
         if not isinstance(body, dict):
@@ -262,7 +309,8 @@ class Proxy:
             return self._reject(rec, ep, 400, "model is required")
         stream = body.get("stream", ep.stream_default)
         rec["stream"] = stream is not False if not ep.openai else stream is True
-        rec["model"] = normalize_model(model)[:MAX_TEXT]  # client text into a VARCHAR(255) on PostgreSQL
+        model = clean_text(model, None)  # a lone surrogate or NUL never reaches the log, a page or a reply
+        rec["model"] = clean_text(normalize_model(model), MAX_TEXT)  # a VARCHAR(255) on PostgreSQL
 
         decision = self.router.choose(self.registry.agents.values(), model, request.headers.get("x-fleet-agent"))
         if isinstance(decision, NoRoute):
@@ -382,22 +430,27 @@ class Proxy:
                 if sse:
                     tap.events += chunk.count(b"\n\n")
                 last = upstream.finished
-                await response.send(chunk, end_stream=last)
                 if rec["ttfb_ms"] is None:
                     rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+                if last:  # logged before the end goes out (see _finish)
+                    self._stream_done(rec, tap, upstream.status, tap.error(), t0)
+                await response.send(chunk, end_stream=last)
                 if last:
                     break
                 chunk = await anext(chunks, None)
             else:
+                self._stream_done(rec, tap, upstream.status, tap.error(), t0)
                 await response.eof()
         except UpstreamError as e:
             message = f"agent {agent.node_id} failed mid-stream: {type(e).__name__}: {e}"[:ERROR_TEXT_MAX]
             sep = b"" if tap.tail.endswith(b"\n") else (b"\n\n" if sse else b"\n")
+            self._stream_done(rec, tap, upstream.status, message, t0)
             await response.send(sep + inband_error(ctype, ep.path, message, tap.events), end_stream=True)
-            rec["error"] = message
             log.warning("request %s: %s", rec["rid"], message)
             self.router.failed(agent.node_id)
-        else:
-            rec["error"] = tap.error()
+
+    def _stream_done(self, rec: dict[str, Any], tap: Tap, status: int, error: str | None, t0: float) -> None:
+        rec["error"] = error
         rec["prompt_tokens"], rec["completion_tokens"] = tap.tokens()
-        rec["status"] = upstream.status
+        rec["status"] = status
+        self._finish(rec, t0)

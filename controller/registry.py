@@ -7,22 +7,48 @@ copy written behind by the flusher, so a heartbeat never waits for disk.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.sanitize import clean_text
+
 from .hub import Hub
 from .reach import effective_url
+
+log = logging.getLogger("fleet.registry")
 
 UP_STATES = ("online",)
 MAX_TEXT = 255  # agent-supplied strings stored in VARCHAR(255) columns (PostgreSQL enforces the length)
 REQUEUE_CAP = 50_000  # events/samples kept across failing flushes before the oldest are let go
 _META = ("v", "session", "ts")
+INT64 = 2**63 - 1  # BIGINT columns: a larger Python int fails the whole INSERT
+HB_INTERVAL_MAX = 3600.0  # seconds; a birth claiming more keeps the node's last known interval
+MAX_LIST = 1024  # GPUs / models per node kept from one snapshot
 
 
 def _text(value: Any) -> str | None:
-    return str(value)[:MAX_TEXT] if value else None
+    """An agent-supplied value for a VARCHAR(255) column (ingest already cleaned it; this is the backstop)."""
+    return clean_text(str(value), MAX_TEXT) if value else None
+
+
+def _int64(value: Any) -> int | None:
+    """A non-negative integer that fits a BIGINT column, or None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64 else None
+
+
+def _number(value: Any) -> float | None:
+    """A finite number for a REAL column, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return f if math.isfinite(f) else None
 
 
 @dataclass(eq=False)  # identity: records are compared on the proxy's hot path (router membership tests)
@@ -134,6 +160,11 @@ class Batch:
     def __bool__(self) -> bool:
         return any((self.agents, self.beats, self.gpus, self.models, self.deleted, self.events, self.samples))
 
+    def size(self) -> int:
+        """Rows this batch holds (a node's GPU or model list counts its items)."""
+        return (len(self.agents) + len(self.beats) + len(self.deleted) + len(self.events) + len(self.samples)
+                + sum(len(s) for s in self.gpus.values()) + sum(len(s) for s in self.models.values()))
+
 
 AGENT_COLUMNS = (
     "node_id", "display_name", "tags", "notes", "state", "session", "forced_offline", "ollama_up",
@@ -182,7 +213,10 @@ class Registry:
         for node in self._beats - self._dirty:
             a = self.agents.get(node)
             if a is not None:
-                batch.beats.append((a.last_seen, json.dumps(a.metrics, separators=(",", ":")), node))
+                try:
+                    batch.beats.append((a.last_seen, json.dumps(a.metrics, separators=(",", ":"), default=str), node))
+                except (ValueError, RecursionError) as e:  # never a reason to fail every flush from now on
+                    log.error("heartbeat of %s not persisted: %r", node, e)
         for node in self._dirty_gpus:
             if node in self.agents:
                 batch.gpus[node] = self.agents[node].gpus
@@ -253,7 +287,8 @@ class Registry:
             level = "warning" if state == "lost" else "info"
             self._set_state(a, state, "last will" if state == "lost" else "clean stop", level)
         if state == "online":
-            a.hb_interval = float(doc.get("hb_interval") or a.hb_interval)
+            hb = _number(doc.get("hb_interval"))
+            a.hb_interval = hb if hb is not None and 0 < hb <= HB_INTERVAL_MAX else a.hb_interval
             agent = doc.get("agent")
             if isinstance(agent, dict):
                 a.agent_version = _text(agent.get("version"))
@@ -304,13 +339,13 @@ class Registry:
 
     def _sample(self, a: AgentRecord, now: float) -> dict[str, Any]:
         gpus = [g for g in a.metrics.get("gpus") or [] if isinstance(g, dict)]
-        utils = [g["util"] for g in gpus if isinstance(g.get("util"), (int, float))]
+        utils = [u for g in gpus if (u := _number(g.get("util"))) is not None]
         used = [g["mem_used"] for g in gpus if isinstance(g.get("mem_used"), int)]
         total = [g["mem_total"] for g in gpus if isinstance(g.get("mem_total"), int)]
         return {
-            "node_id": a.node_id, "ts": now, "cpu": a.metrics.get("cpu"), "mem": a.metrics.get("mem"),
-            "gpu_util": sum(utils) / len(utils) if utils else None,
-            "gpu_mem_used": sum(used) if used else None, "gpu_mem_total": sum(total) if total else None,
+            "node_id": a.node_id, "ts": now, "cpu": _number(a.metrics.get("cpu")),
+            "mem": _number(a.metrics.get("mem")), "gpu_util": _number(sum(utils) / len(utils)) if utils else None,
+            "gpu_mem_used": _int64(sum(used)) if used else None, "gpu_mem_total": _int64(sum(total)) if total else None,
         }
 
     def on_info(self, node: str, doc: dict[str, Any]) -> str | None:
@@ -318,6 +353,8 @@ class Registry:
         if isinstance(a, str):
             return a
         a.info = {k: v for k, v in doc.items() if k not in _META}
+        ips = a.info.get("ips")
+        a.info["ips"] = [ip for ip in ips if isinstance(ip, str)][:MAX_LIST] if isinstance(ips, list) else []
         a.hostname = _text(doc.get("hostname")) or ""
         a.agent_version = _text(doc.get("agent_version")) or a.agent_version
         ollama = doc["ollama"]
@@ -333,8 +370,13 @@ class Registry:
         a = self._current(node, doc)
         if isinstance(a, str):
             return a
-        keys = ("index", "uuid", "name", "mem_total", "driver")
-        a.gpus = [{k: g.get(k) for k in keys} for g in doc["gpus"]]
+        gpus: dict[int, dict[str, Any]] = {}  # one row per index: (node, index) is unique in the database
+        for g in doc["gpus"][:MAX_LIST]:
+            index = _int64(g["index"])
+            if index is not None and index < 2**31 and index not in gpus:
+                gpus[index] = {"index": index, "uuid": _text(g.get("uuid")), "name": _text(g.get("name")) or "",
+                               "mem_total": _int64(g.get("mem_total")), "driver": _text(g.get("driver"))}
+        a.gpus = list(gpus.values())
         self._dirty_gpus.add(node)
         self._changed(a)
         return None
@@ -346,13 +388,19 @@ class Registry:
         now = time.time()
         before = {m["name"]: m for m in a.models}
         models = []
-        for m in doc["models"]:
-            old = before.get(m["name"])
-            installed_at = old["installed_at"] if old and old.get("digest") == m.get("digest") else now
-            models.append({"name": m["name"], "digest": str(m.get("digest") or ""), "size": int(m.get("size") or 0),
-                           "modified_at": m.get("modified_at"), "details": m.get("details") or {},
-                           "installed_at": installed_at})
-        names = {m["name"] for m in models}
+        names: set[str] = set()  # (node, name) is unique in the database
+        for m in doc["models"][:MAX_LIST]:
+            name = _text(m["name"])
+            if not name or name in names:
+                continue
+            names.add(name)
+            digest = _text(m.get("digest")) or ""
+            old = before.get(name)
+            installed_at = old["installed_at"] if old and old.get("digest") == digest else now
+            details = m.get("details")
+            models.append({"name": name, "digest": digest, "size": _int64(m.get("size")) or 0,
+                           "modified_at": _text(m.get("modified_at")),
+                           "details": details if isinstance(details, dict) else {}, "installed_at": installed_at})
         if before or a.models:
             for name in sorted(names - before.keys()):
                 self.event("model_added", node, f"{a.name}: model {name} installed")
@@ -375,7 +423,8 @@ class Registry:
         if node not in self.agents:
             return "unknown_agent"
         level = str(doc.get("level")) if doc.get("level") in ("info", "warning", "error") else "info"
-        self.event(str(doc["event"])[:32], node, str(doc.get("message") or doc["event"])[:500], level)
+        self.event(clean_text(str(doc["event"]), 32), node, clean_text(str(doc.get("message") or doc["event"]), 500),
+                   level)
         return None
 
     # ---- time and operators ----------------------------------------------------------------

@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .sanitize import clean_tree
+
 PROTO = 1  # payload "v"; the topic's /v1 is the major version
 PROTO_RANGE = (1, 1)
 
@@ -31,6 +33,13 @@ NODE_TOPICS: dict[str, tuple[int, bool]] = {
     "jobs": (1, True),
 }
 RETAINED_KINDS = tuple(k for k, (_, r) in NODE_TOPICS.items() if r and k != "jobs")
+
+# Payload hardening (decode): every string is cleaned (lone surrogates and NUL replaced, invalid UTF-8
+# replaced) and cut, and nesting is bounded, so nothing downstream (registry, JSON columns, SQL) can fail
+# on what an agent sent. Real payloads nest 4 levels and carry strings far shorter than these.
+STRING_MAX = 4096  # characters per string (keys too)
+DEPTH_MAX = 32  # levels of objects/arrays
+SESSION_MAX = 64  # a session id is a uuid4 hex (32); the database column holds 64
 
 STATES = ("online", "offline", "lost")  # what an agent (or its will) says about itself
 CONTROLLER_NODE = "_controller"  # fleet-level commands the controller obeys: cmd/_controller/<verb>
@@ -108,22 +117,57 @@ def encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def decode(raw: bytes | bytearray, max_bytes: int) -> dict[str, Any]:
-    """Parse and check the envelope every payload shares: a JSON object with a supported `v`."""
-    if len(raw) > max_bytes:
-        raise ProtocolError("oversized", f"{len(raw)} bytes")
+def decode(raw: bytes | bytearray | memoryview | str, max_bytes: int) -> dict[str, Any]:
+    """Parse and check the envelope every payload shares: a JSON object with a supported `v`.
+
+    Never raises anything but ProtocolError. The result is clean: invalid UTF-8 became U+FFFD, lone
+    surrogates and NUL in strings (and keys) became U+FFFD, strings are at most STRING_MAX characters
+    and the document nests at most DEPTH_MAX levels."""
+    data = raw.encode("utf-8", "replace") if isinstance(raw, str) else bytes(raw)
+    if len(data) > max_bytes:
+        raise ProtocolError("oversized", f"{len(data)} bytes")
+    text = data.decode("utf-8", "replace")
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except ValueError as e:  # JSONDecodeError, and ints longer than Python's digit limit
         raise ProtocolError("bad_json", str(e)[:80]) from None
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise ProtocolError("bad_json", "nested too deeply") from None
     if not isinstance(doc, dict):
         raise ProtocolError("bad_payload", "not a JSON object")
+    # A string can only hold a surrogate or NUL through a \u escape, and can only be too long in a long
+    # payload: the usual small heartbeat skips the cleaning pass.
+    if "\\u" in text or len(text) > STRING_MAX:
+        doc = clean_tree(doc, STRING_MAX)
+    if text.count("{") + text.count("[") > DEPTH_MAX and depth(doc) > DEPTH_MAX:
+        raise ProtocolError("bad_payload", f"nested deeper than {DEPTH_MAX} levels")
     v = doc.get("v")
     if not isinstance(v, int) or isinstance(v, bool):
         raise ProtocolError("bad_payload", "missing integer 'v'")
     if not PROTO_RANGE[0] <= v <= PROTO_RANGE[1]:
         raise ProtocolError("unsupported_version", f"v={v}")
     return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity unless told otherwise
+
+
+def depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value (a scalar is 0), computed without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
 
 
 def _require(doc: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
@@ -154,12 +198,13 @@ NUM = (int, float)
 
 def check(kind: str, doc: dict[str, Any]) -> dict[str, Any]:
     """Validate the fields the controller relies on for this topic kind; unknown fields are allowed."""
+    session = doc.get("session")
+    if isinstance(session, str) and len(session) > SESSION_MAX:
+        raise ProtocolError("bad_payload", f"'session' longer than {SESSION_MAX} characters")
     if kind == "state":
         if _require(doc, "state", str) not in STATES:
             raise ProtocolError("bad_payload", f"unknown state {doc['state']!r}")
-        _require(doc, "session", str)
     elif kind == "heartbeat":
-        _require(doc, "session", str)
         _require(doc, "ts", NUM)
         for g in _list_of_dicts(doc, "gpus") if "gpus" in doc else []:
             _require(g, "index", int)

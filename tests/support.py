@@ -103,6 +103,10 @@ class Controller(Proc):
         }
         super().__init__(["controller"], env, tmp / f"controller-{self.port}.log")
         self.http = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
+        # reads need the admin token once one is set: the helpers below use it, `http` stays anonymous
+        token = (extra or {}).get("FLEET_ADMIN_TOKEN")
+        self.api = httpx.Client(base_url=self.url, timeout=10, trust_env=False,
+                                headers={"authorization": f"Bearer {token}"}) if token else self.http
         if wait:
             self.wait_ready()
 
@@ -120,12 +124,12 @@ class Controller(Proc):
         self.wait_ready()
 
     def agents(self, **params: str) -> dict[str, dict[str, Any]]:
-        resp = self.http.get("/api/agents", params=params)
+        resp = self.api.get("/api/agents", params=params)
         resp.raise_for_status()
         return {a["id"]: a for a in resp.json()["agents"]}
 
     def agent(self, node: str) -> dict[str, Any] | None:
-        resp = self.http.get(f"/api/agents/{node}")
+        resp = self.api.get(f"/api/agents/{node}")
         return resp.json() if resp.status_code == 200 else None
 
     def wait_agent(self, node: str, timeout: float = 10.0, **expect: Any) -> dict[str, Any]:
@@ -138,6 +142,7 @@ class Controller(Proc):
     def close(self) -> None:
         self.stop()
         self.http.close()
+        self.api.close()
 
 
 class AgentProc(Proc):

@@ -1,4 +1,5 @@
-"""API keys: managed with `fleet keys`, stored hashed, required by every proxy endpoint once one exists."""
+"""API keys: managed with `fleet keys`, stored hashed, required by every proxy endpoint once one exists,
+failing closed when the last is revoked; management then needs the admin token."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ def _openai(c, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=c.url + "/v1", api_key=key, max_retries=0, http_client=httpx.Client(trust_env=False))
 
 
+ADMIN = "adm1n-token-for-keys"
+
+
 def test_keys_lifecycle_with_both_sdks(fleet):
-    c, fakes = start_fleet(fleet, "key-a")
+    c, fakes = start_fleet(fleet, "key-a", controller_env={"fleet_admin_token": ADMIN})
     wait_routable(c, "key-a")
     data_dir = str(fleet.tmp)
     assert c.http.post("/api/chat", json=chat_body()).status_code == 200  # no key yet: open
@@ -39,7 +43,9 @@ def test_keys_lifecycle_with_both_sdks(fleet):
         assert c.http.get(path).status_code == 401
     assert c.http.get("/v1/models").status_code == 401
     assert c.http.get("/").status_code == 200 and c.http.get("/api/version").status_code == 200
-    assert c.http.get("/api/agents").status_code == 200  # management API: governed by admin_token instead
+    assert c.http.get("/api/agents").status_code == 401  # management API: governed by admin_token instead
+    assert c.http.get("/api/agents", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    assert c.api.get("/api/agents").status_code == 200
 
     msgs = [{"role": "user", "content": "x"}]
     with ollama.Client(host=c.url, trust_env=False, headers={"Authorization": f"Bearer {key}"}) as oll:
@@ -55,7 +61,7 @@ def test_keys_lifecycle_with_both_sdks(fleet):
         bad.chat.completions.create(model="llama3.2", messages=msgs)
     assert "authorization" not in fakes["key-a"].stats()["last_headers"]["/v1/chat/completions"]
 
-    log = c.http.get("/api/requests").json()["requests"]
+    log = c.api.get("/api/requests").json()["requests"]
     assert log[0]["status"] == 401 and log[0]["key"] is None
     assert {x["key"] for x in log if x["status"] == 200} == {None, "alice"}
 
@@ -68,8 +74,34 @@ def test_keys_lifecycle_with_both_sdks(fleet):
     revoked = fleet_cli("keys", "revoke", "alice", "--data-dir", data_dir)
     assert revoked.returncode == 0 and "revoked key 1 (alice)" in revoked.stdout
     assert fleet_cli("keys", "revoke", "alice", "--data-dir", data_dir).returncode == 1
-    # the last key gone: the proxy is open again
+    # the last key revoked: keys fail closed, the proxy stays locked
+    with ollama.Client(host=c.url, trust_env=False, headers={"Authorization": f"Bearer {key}"}) as oll:
+        wait_until(lambda: c.http.post("/api/chat", json=chat_body(),
+                                       headers={"Authorization": f"Bearer {key}"}).status_code == 401, 10,
+                   what="revocation picked up")
+        with pytest.raises(ollama.ResponseError) as e:
+            oll.chat(model="llama3.2", messages=msgs)
+        assert e.value.status_code == 401
+    assert c.http.post("/api/chat", json=chat_body()).status_code == 401
+    # only an explicit purge of the revoked keys opens it again
+    purged = fleet_cli("keys", "purge", "--data-dir", data_dir)
+    assert purged.returncode == 0 and "deleted 1 revoked key" in purged.stdout and "OPEN" in purged.stdout
     wait_until(lambda: c.http.post("/api/chat", json=chat_body()).status_code == 200, 10, what="keys reloaded")
+
+
+def test_keys_without_admin_token_lock_management(fleet):
+    """Management is never open merely because keys exist: without an admin token it is refused."""
+    c, _ = start_fleet(fleet, "key-c")
+    assert c.http.get("/api/agents").status_code == 200  # no keys, no token: a loopback newcomer manages
+    key = fleet_cli("keys", "add", "bob", "--data-dir", str(fleet.tmp)).stdout.strip()
+    wait_until(lambda: c.http.get("/api/agents").status_code == 403, 10, what="keys picked up")
+    for headers in ({}, {"Authorization": f"Bearer {key}"}):
+        r = c.http.get("/api/agents", headers=headers)
+        assert r.status_code == 403 and "admin_token" in r.json()["error"]
+        r = c.http.put("/api/agents/key-c/settings", json={"notes": "x"}, headers=headers)
+        assert r.status_code == 403
+    # the proxy itself follows the key
+    assert c.http.post("/api/chat", json=chat_body(), headers={"Authorization": f"Bearer {key}"}).status_code == 200
 
 
 def test_a_revoked_key_stops_working_while_others_do(fleet):
