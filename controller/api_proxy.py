@@ -43,7 +43,9 @@ def _routed(ep: Endpoint) -> Callable[[Request], Any]:
 
 
 for _ep in ROUTED:
-    bp.add_route(_routed(_ep), _ep.path, methods=["POST"], name="proxy_" + re.sub(r"\W", "_", _ep.path))
+    # stream=True: the proxy reads the body itself, bounded by max_body_bytes and spooled when large
+    bp.add_route(_routed(_ep), _ep.path, methods=["POST"], name="proxy_" + re.sub(r"\W", "_", _ep.path),
+                 stream=True)
 
 
 # ---- fleet views ----------------------------------------------------------------------------------

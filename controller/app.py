@@ -194,7 +194,14 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     app.config.ACCESS_LOG = False
     app.config.RESPONSE_TIMEOUT = 3600  # proxied generations and model loads are slow to first byte
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 8.0  # open streams get this long to finish before we close
-    app.config.REQUEST_MAX_SIZE = 100 * 1024 * 1024
+    # Non-streaming routes (management, dashboard) take small JSON; the proxy routes stream their bodies,
+    # bounded by max_body_bytes (controller/body.py).
+    app.config.REQUEST_MAX_SIZE = 1 << 20
+    # Slow clients: total deadlines for headers and body (controller/timeouts.py); Sanic's own
+    # REQUEST_TIMEOUT is only an idle timer over the headers.
+    app.config.update({"REQUEST_TIMEOUT": float(cfg.header_timeout),
+                       "FLEET_HEADER_TIMEOUT": float(cfg.header_timeout),
+                       "FLEET_BODY_TIMEOUT": float(cfg.body_timeout)})
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.API_TITLE = "ollama-fleet controller"

@@ -258,7 +258,7 @@ class Payload:
 
 async def read_body(request: Request, limit: int, spool_dir: Path | None = None) -> Payload:
     """The body of a streaming route, bounded by `limit` (TooLarge) and SMALL_BODY in memory."""
-    http = request.stream
+    http: Any = request.stream
     declared = request.headers.get("content-length")
     length = int(declared) if declared and declared.isdigit() else None
     if length is not None and length > limit:
@@ -286,16 +286,18 @@ async def read_body(request: Request, limit: int, spool_dir: Path | None = None)
                 parts.append(chunk)
                 if size <= SMALL_BODY:
                     continue
-                spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=spool_dir, prefix="fleet-body-")
+                spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=str(spool_dir) if spool_dir else None,
+                                                     prefix="fleet-body-")
                 scan = Scanner()
                 for p in parts:
                     spool.write(p)
                     scan.feed(p)
                 parts = []
                 continue
-            spool.write(chunk)
             assert scan is not None
-            scan.feed(chunk)
+            if scan.error is None:  # once unusable (a 400 follows), the rest is only read, not kept
+                spool.write(chunk)
+                scan.feed(chunk)
     except BaseException:
         if spool is not None:
             spool.close()
@@ -308,7 +310,7 @@ async def read_body(request: Request, limit: int, spool_dir: Path | None = None)
 
 async def _discard(request: Request, budget: int) -> bool:
     """Read and drop the rest of the body, at most `budget` bytes; True when it ended within it."""
-    http = request.stream
+    http: Any = request.stream
     if http is None:
         return True
     seen = 0

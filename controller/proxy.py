@@ -15,6 +15,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sanic import Request
@@ -24,6 +25,7 @@ from sanic.response import json as json_response
 from fleet.sanitize import clean_text
 from fleet.settings import Config
 
+from .body import TooLarge, read_body
 from .http import bearer, parse_json
 from .keys import KeyRing
 from .keys import state as key_state
@@ -32,6 +34,7 @@ from .registry import AgentRecord, Registry
 from .requestlog import RequestLog, prune_rows, replay_journal, write_rows
 from .router import Decision, NoRoute, Router, normalize_model
 from .throttle import too_many
+from .timeouts import body_timed_out
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("fleet.proxy")
@@ -55,6 +58,7 @@ KEYS_RELOAD_EVERY = 2.0  # seconds: `fleet keys add|revoke` take effect within t
 PRUNE_EVERY = 600.0
 ERROR_TEXT_MAX = 500
 JOURNAL_DIR = "requests.journal"  # under data_dir
+SPOOL_DIR = "spool"  # under data_dir: large request bodies on their way upstream (unlinked files)
 
 _PROMPT_RE = re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"(?:eval_count|completion_tokens|output_tokens)"\s*:\s*(\d+)')
@@ -78,8 +82,8 @@ def error_response(openai: bool, status: int, message: str, code: str | None = N
     """An error in the API's own shape: native `{"error": "..."}`, OpenAI's error object."""
     if not openai:
         return json_response({"error": message}, status=status)
-    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error"}.get(status,
-                                                                                                   "api_error")
+    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+            408: "invalid_request_error", 413: "invalid_request_error"}.get(status, "api_error")
     return json_response({"error": {"message": message, "type": kind, "param": None, "code": code}},
                          status=status)
 
@@ -161,12 +165,19 @@ class Proxy:
         self.store: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._flush_lock = asyncio.Lock()
+        self.max_body = int(cfg.max_body_bytes)
+        self.spool_dir: Path | None = None  # large bodies; the system's temp dir may be RAM (tmpfs)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self, store: Any) -> None:
         self.store = store
         cfg = self.cfg
         await self._open_journal(store)
+        try:
+            (cfg.data_path / SPOOL_DIR).mkdir(parents=True, exist_ok=True)
+            self.spool_dir = cfg.data_path / SPOOL_DIR
+        except OSError as e:
+            log.warning("no spool directory in data_dir (%s): large bodies go to the system's temp dir", e)
         self.upstream = UpstreamPool(float(cfg.proxy_connect_timeout), float(cfg.proxy_read_timeout))
         self.keys.load(*await store.read(key_state))
         self._tasks = [
@@ -272,12 +283,18 @@ class Proxy:
             resp = await self._forward(request, ep, rec, t0)
             return resp
         except asyncio.CancelledError:
-            rec["status"], rec["error"] = 499, rec["error"] or "client disconnected"
+            if body_timed_out(request):  # the body deadline (controller/timeouts.py) answered 408
+                rec["status"], rec["error"] = 408, "request body not received within body_timeout"
+            else:
+                rec["status"], rec["error"] = 499, rec["error"] or "client disconnected"
             raise
         finally:
             if resp is not None and not rec["status"]:
                 rec["status"] = resp.status
             self._finish(rec, t0)
+            payload = getattr(request.ctx, "fleet_body", None)
+            if payload is not None:
+                payload.close()
 
     def _finish(self, rec: dict[str, Any], t0: float) -> None:
         """Log the request, once. Called before the answer's last byte is handed to the socket (a returned
@@ -295,11 +312,20 @@ class Proxy:
         if denied is not None:
             rec["error"] = "unauthorized"
             return denied
-        raw = request.body
-        if not raw:
+        try:
+            payload = request.ctx.fleet_body = await read_body(request, self.max_body, self.spool_dir)
+        except TooLarge as e:
+            if not e.drained:  # the rest of the body is still coming: answer, then close
+                request.stream.keep_alive = False  # type: ignore[union-attr]
+            return self._reject(rec, ep, 413, str(e))
+        raw = payload.data
+        if not payload.size:
             return self._reject(rec, ep, 400, "missing request body" if not ep.openai else "EOF")
         try:
-            body = parse_json(raw)  # bounded depth: no RecursionError (500) from nested input
+            if raw is None:  # a large body, spooled: only the fields the proxy reads, found by a scanner
+                body = payload.fields()
+            else:
+                body = parse_json(raw)  # bounded depth: no RecursionError (500) from nested input
         except ValueError as e:
             return self._reject(rec, ep, 400, f"invalid JSON body: {e}")
         if not isinstance(body, dict):
@@ -376,7 +402,8 @@ class Proxy:
         failed = True
         try:
             try:
-                upstream = await self.upstream.post(agent.ollama_url, ep.path, headers, request.body)
+                upstream = await self.upstream.post(agent.ollama_url, ep.path, headers,
+                                                    request.ctx.fleet_body.upload())
                 status = upstream.status
                 ctype = upstream.header("content-type")
                 if status < 400 and ctype.startswith(STREAM_TYPES):

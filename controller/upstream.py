@@ -15,7 +15,8 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httptools
@@ -23,6 +24,15 @@ import httptools
 MAX_BUFFER = 1 << 20  # bytes read ahead of a slow consumer before the socket stops being read
 MAX_IDLE_PER_HOST = 512
 IDLE_EXPIRY = 30.0  # seconds an idle connection is kept for reuse
+
+
+class BodySource(Protocol):
+    """A request body too large to hold in memory (controller/body.py): its size, and its bytes in pieces
+    from the start (called again for a retry)."""
+
+    size: int
+
+    def pieces(self) -> Iterator[bytes]: ...
 
 
 class UpstreamError(Exception):
@@ -69,6 +79,8 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.can_write = asyncio.Event()  # cleared while the transport's write buffer is over its high mark
+        self.can_write.set()
         self._reset()
 
     def _reset(self) -> None:
@@ -82,6 +94,7 @@ class _Conn(asyncio.Protocol):
         self.buffered = 0
         self.paused = False
         self.received_any = False
+        self.sent_whole = True  # False: the request body was cut short, the connection cannot be reused
         self.waiter: asyncio.Future[None] | None = None
         self.last_activity = self.loop.time()
 
@@ -98,8 +111,15 @@ class _Conn(asyncio.Protocol):
             self._fail(ProtocolError(f"malformed response: {e}"))
             self._abort()
 
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.can_write.set()  # a sender waiting for room sees `closed`
         if not self.complete:
             self._fail(ProtocolError("connection closed before the response ended" if self.received_any
                                      else "connection closed without a response"))
@@ -211,7 +231,7 @@ class UpstreamResponse:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if conn.complete and conn.error is None and not conn.closed and conn.keep_alive:
+        if conn.complete and conn.error is None and not conn.closed and conn.keep_alive and conn.sent_whole:
             self._pool._release(conn)
         else:
             conn._abort()
@@ -232,20 +252,30 @@ class UpstreamPool:
             t = self._targets[base_url] = _Target(base_url)
         return t
 
-    async def post(self, base_url: str, path: str, headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
+    async def post(self, base_url: str, path: str, headers: list[tuple[str, str]],
+                   body: bytes | BodySource) -> UpstreamResponse:
         """Send; return once status and headers are in. A reused connection that turns out closed is
-        replaced once, transparently (the server may close an idle keep-alive connection at any time)."""
+        replaced once, transparently (the server may close an idle keep-alive connection at any time).
+        A BodySource goes out piece by piece as the socket takes it: memory stays flat whatever its size."""
         t = self.target(base_url)
+        size = len(body) if isinstance(body, bytes) else body.size
         head = "".join([f"POST {t.prefix}{path} HTTP/1.1\r\nHost: {t.netloc}\r\n",
                         *[f"{k}: {v}\r\n" for k, v in headers],
-                        f"Content-Length: {len(body)}\r\n\r\n"]).encode("utf-8", "surrogateescape")
+                        f"Content-Length: {size}\r\n\r\n"]).encode("utf-8", "surrogateescape")
         for retry in (True, False):
             conn, reused = await self._acquire(t)
             assert conn.transport is not None
             conn._reset()
-            conn.transport.write(head + body if len(body) < 65536 else head)
-            if len(body) >= 65536:
-                conn.transport.write(body)
+            try:
+                if isinstance(body, bytes):
+                    conn.transport.write(head + body if len(body) < 65536 else head)
+                    if len(body) >= 65536:
+                        conn.transport.write(body)
+                else:
+                    await self._send_pieces(conn, head, body)
+            except BaseException:
+                conn._abort()
+                raise
             try:
                 while not conn.headers_done:
                     if conn.error is not None:
@@ -261,6 +291,19 @@ class UpstreamPool:
                 raise
             return UpstreamResponse(conn, self)
         raise AssertionError("unreachable")
+
+    async def _send_pieces(self, conn: _Conn, head: bytes, body: BodySource) -> None:
+        """Write `body` with flow control; stop early when the upstream already answered or went away
+        (the connection is then not reused: its request was not sent whole)."""
+        assert conn.transport is not None
+        conn.transport.write(head)
+        for piece in body.pieces():
+            if not conn.can_write.is_set():
+                await conn.can_write.wait()
+            if conn.closed or conn.error is not None or conn.headers_done:
+                conn.sent_whole = False
+                return
+            conn.transport.write(piece)
 
     async def _acquire(self, t: _Target) -> tuple[_Conn, bool]:
         idle = self._idle.get(t.key)

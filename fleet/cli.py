@@ -73,7 +73,10 @@ def run_controller(cfg: Config, with_local_agent: bool) -> int:
 
     app = create_app(cfg, with_local_agent=with_local_agent)
     log.info("controller listening on http://%s:%s (dashboard /dashboard, API docs /docs)", cfg.host, cfg.port)
-    app.run(host=cfg.host, port=int(cfg.port), single_process=True, access_log=False, motd=False)
+    from controller.timeouts import DeadlineProtocol  # header and body deadlines for slow clients
+
+    app.run(host=cfg.host, port=int(cfg.port), single_process=True, access_log=False, motd=False,
+            protocol=DeadlineProtocol)
     return 0
 
 

@@ -204,7 +204,9 @@ def check(kind: str, doc: dict[str, Any]) -> dict[str, Any]:
     if kind == "state":
         if _require(doc, "state", str) not in STATES:
             raise ProtocolError("bad_payload", f"unknown state {doc['state']!r}")
+        _require(doc, "session", str)
     elif kind == "heartbeat":
+        _require(doc, "session", str)
         _require(doc, "ts", NUM)
         for g in _list_of_dicts(doc, "gpus") if "gpus" in doc else []:
             _require(g, "index", int)

@@ -67,8 +67,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("metrics_retention_hours", float, 24.0, "Hours of metric history kept.", C),
     _s("event_retention_days", float, 30.0, "Days of event log kept.", C),
     _s("max_payload_bytes", int, 65536, "MQTT payloads larger than this are dropped and counted.", C),
-    _s("admin_token", str, "", "When set, management endpoints need `Authorization: Bearer <token>` and the "
-       "dashboard asks for it at login (docs/dashboard.md).",
+    _s("admin_token", str, "", "When set, the management API and its reads need `Authorization: Bearer "
+       "<token>` and the dashboard asks for it at login; when unset they answer direct loopback clients only "
+       "(docs/security.md).",
        C, secret=True),
     _s("viewer_token", str, "", "Read-only token: with it (Bearer or dashboard login) the dashboard and the "
        "read endpoints work, nothing changes (docs/security.md). Needs `admin_token`.", C, secret=True),

@@ -1,17 +1,20 @@
 """Test support: run a real Mosquitto with the project's shipped broker/ config on a loopback port.
 
 Only the environment-specific lines of ``broker/mosquitto.conf`` are rewritten (listener, user,
-password_file, acl_file, persistence_location, and allow_anonymous for ``anonymous=True``); every other
+password_file, acl_file, persistence_location, and allow_anonymous + use_username_as_clientid for
+``anonymous=True``, the benchmarks' mode); every other
 directive is kept as shipped so tests exercise the production config and ``broker/fleet.acl``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Self
@@ -28,6 +31,9 @@ START_TIMEOUT_S = 10.0
 DEFAULT_USERS = ("controller", "operator")
 # Directives the harness must find in the shipped conf (a rename there should break tests loudly).
 REWRITTEN = ("listener", "allow_anonymous", "password_file", "acl_file", "persistence_location", "user")
+# Roles with an ACL block in the shipped fleet.acl that another account can copy (broker/README.md:
+# "one account per connection").
+ROLES = ("controller", "operator")
 # With anonymous=True, anonymous clients (benchmarks) get the fleet tree; topic lines before the
 # first "user" line apply to anonymous clients only, so the shipped rules stay untouched.
 ANON_ACL_HEADER = (
@@ -109,6 +115,8 @@ def render_conf(shipped: str, port: int, tmp_dir: Path, anonymous: bool) -> str:
         # As root, mosquitto would switch to "mosquitto", which cannot read our tmp files.
         "user": f"user {current_user()}",
     }
+    if anonymous:  # mosquitto refuses clients without a username while it binds client ids to usernames
+        replacements["use_username_as_clientid"] = "use_username_as_clientid false"
     seen: set[str] = set()
     out = []
     for line in shipped.splitlines():
@@ -124,6 +132,21 @@ def render_conf(shipped: str, port: int, tmp_dir: Path, anonymous: bool) -> str:
     if missing:
         raise ValueError(f"shipped mosquitto.conf lacks {sorted(missing)}")
     return "\n".join(out) + "\n"
+
+
+def role_rules(acl: str, role: str) -> list[str]:
+    """The `topic ...` lines of the shipped ACL's `user <role>` block."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; one of {ROLES}")
+    lines = acl.splitlines()
+    start = lines.index(f"user {role}")
+    rules = []
+    for line in lines[start + 1:]:
+        if re.match(r"(user|pattern)\s|# ---", line):
+            break
+        if line.startswith("topic "):
+            rules.append(line)
+    return rules
 
 
 class MosquittoProcess:
@@ -185,6 +208,19 @@ class MosquittoProcess:
         self.reload()
         self._wait_for(lambda: self.connect_rc(name, password) != CONNACK_ACCEPTED, f"user {name!r} refused")
 
+    def add_account(self, role: str, name: str | None = None) -> str:
+        """A new account with the rights of `role` ("controller"/"operator"), made the documented way:
+        the role's block of the shipped fleet.acl copied under the new name, password added, SIGHUP.
+
+        The broker binds client ids to usernames, so every concurrently connected test tool needs its own
+        account (two connections of one account take each other over). Returns the username."""
+        name = name or f"{role}-{uuid.uuid4().hex[:8]}"
+        rules = [r.replace(f"/{role}/", f"/{name}/") for r in role_rules(SHIPPED_ACL.read_text(), role)]
+        with self.acl_path.open("a") as fh:
+            fh.write(f"\nuser {name}\n" + "".join(f"{r}\n" for r in rules))
+        self.add_user(name)
+        return name
+
     def log_text(self) -> str:
         if not self._log_file.closed:
             self._log_file.flush()
@@ -238,11 +274,13 @@ class MosquittoProcess:
 
 
 def start_mosquitto(
-    tmp_dir: Path, users: dict[str, str] | None = None, anonymous: bool = False, port: int | None = None
+    tmp_dir: Path, users: dict[str, str] | None = None, anonymous: bool = False, port: int | None = None,
+    extra_conf: str = "",
 ) -> MosquittoProcess:
     """Start mosquitto with the shipped config on a free loopback port and wait until it serves MQTT.
 
     ``users`` maps username -> password; default: controller and operator with generated passwords.
+    ``extra_conf`` is appended to the rendered conf (e.g. a second, TLS listener with its options).
     """
     binary = find_mosquitto()
     if binary is None:
@@ -265,7 +303,7 @@ def start_mosquitto(
     for _ in range(3):  # a free port can be grabbed by someone else before mosquitto binds it
         port = fixed or free_loopback_port()
         (tmp_dir / "mosquitto.conf").write_text(
-            render_conf(SHIPPED_CONF.read_text(), port, tmp_dir, anonymous)
+            render_conf(SHIPPED_CONF.read_text(), port, tmp_dir, anonymous) + extra_conf
         )
         log_file = open(tmp_dir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by MosquittoProcess
         proc = subprocess.Popen(

@@ -164,6 +164,7 @@ def test_admin_token_guards_fleet_wide_changes(fleet, sdk):
     r = c.http.post("/api/pull", json={"model": "gemma3:1b"})
     assert r.status_code == 401
     assert c.http.post("/api/models/distribute", json={"model_name": "gemma3:1b"}).status_code == 401
-    assert c.http.get("/api/tasks").status_code == 200  # reads stay open
+    assert c.http.get("/api/tasks").status_code == 401  # reads need the token too (issue 9)
+    assert c.api.get("/api/tasks").status_code == 200
     ok = sdk(c.url, headers={"Authorization": "Bearer s3cret"}).pull("gemma3:1b", stream=False)
     assert ok.status == "success"

@@ -215,7 +215,8 @@ def test_operator_settings_validation_and_auth(fleet):
     ok = c.http.put(url, json={"display_name": " Rack 3 ", "tags": ["b", "a", "a"], "notes": "n"}, headers=auth)
     assert ok.status_code == 200 and ok.json()["name"] == "Rack 3" and ok.json()["tags"] == ["a", "b"]
     assert c.http.put("/api/agents/nope/settings", json={}, headers=auth).status_code == 404
-    assert c.http.get("/api/agents").status_code == 200  # reads stay open
+    assert c.http.get("/api/agents").status_code == 401  # reads need the token too (issue 9)
+    assert c.api.get("/api/agents").status_code == 200
     assert "s3cret" not in c.log()
 
 

@@ -75,6 +75,7 @@ PULL_EVERY_S = 60.0  # one pull action (a distribute or a single-agent pull)
 BAD_EVERY_S = 20.0  # one bad-input case (they are cycled through)
 READ_EVERY_S = 20.0  # one round of dashboard-like reads
 BROKER_DOWN_S = 30.0  # the broker stays down this long in the middle
+BROKER_RECOVER_S = 15.0  # wall seconds after the broker is back in which /healthz may still say 503
 # --- wall time ------------------------------------------------------------------------------------
 SAMPLE_MAX_S = 5.0  # sampling interval (shorter for short runs: at least ~60 samples)
 WARMUP_MIN_S = 30.0  # samples before this (or 10 % of the run) are left out of the flatness verdicts
@@ -193,7 +194,8 @@ async def raw_request(host: str, port: int, head: bytes, body: bytes = b"",
     """Send `head` + body on a fresh connection (`Connection: close`); status and headers of the answer."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        length = b"Content-Length: %d\r\n" % len(body) if body else b""
+        writer.write(head + length + b"Connection: close\r\n\r\n" + body)
         await writer.drain()
         async with asyncio.timeout(timeout):
             data = await reader.read()  # until the server closes: the whole answer
@@ -232,6 +234,7 @@ class Soak:
         self.comebacks: set[asyncio.Task[None]] = set()
         self.node_lock = asyncio.Lock()  # one kill/start at a time: the fleet's picture stays consistent
         self.broker_down = False
+        self.broker_back_at = -1e9
 
     # ---- timing ------------------------------------------------------------------------------
     def fleet(self, seconds: float) -> float:
@@ -401,6 +404,7 @@ class Soak:
         await asyncio.sleep(max(2.0, self.fleet(BROKER_DOWN_S)))  # the outage itself, not a wait for a condition
         self.broker = await asyncio.to_thread(start_mosquitto, old.tmp_dir, dict(old.passwords), False, old.port)
         self.broker_down = False
+        self.broker_back_at = now()
         self.note("broker back")
 
     # ---- proxied traffic ---------------------------------------------------------------------
@@ -484,8 +488,9 @@ class Soak:
                     outcome = str(r.status_code)
                 except httpx.HTTPError as e:
                     outcome = f"no answer ({type(e).__name__})"
-                if path == "/healthz" and outcome == "503" and self.broker_down:
-                    outcome = "503 (broker down)"  # /healthz reports the outage: expected
+                if path == "/healthz" and outcome == "503" and (
+                        self.broker_down or now() - self.broker_back_at < BROKER_RECOVER_S):
+                    outcome = "503 (broker restart)"  # /healthz reports the outage: expected
                 self.tally.reads[f"GET {path.split('?')[0]} {outcome}"] += 1
 
     # ---- bad input ---------------------------------------------------------------------------
@@ -663,7 +668,7 @@ class Soak:
             if offset is None:
                 break
             doc = self.ctl.http.get("/api/tasks", params={"limit": 500, "offset": offset}).json()
-            out.update({t["task_id"]: t["status"] for t in doc["tasks"]})
+            out.update({t["id"]: t["status"] for t in doc["tasks"]})
             offset = doc.get("next_offset")
         return out
 
