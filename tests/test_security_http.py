@@ -109,7 +109,7 @@ def test_reads_need_a_token_and_the_viewer_only_reads(fleet):
     with _client(c) as http:
         assert http.post("/dashboard/login", data={"token": VIEWER, "next": "/dashboard"}).status_code == 303
         page = http.get("/dashboard/agents")
-        assert page.status_code == 200
+        assert page.status_code == 200 and "data-read-only" in page.text and ">read-only<" in page.text
         csrf = re.search(r'name="csrf-token" content="([0-9a-f]+)"', page.text).group(1)
         r = http.put("/api/agents/sec-a/settings", json={"notes": "v"}, headers={"x-csrf-token": csrf})
         assert r.status_code == 403
