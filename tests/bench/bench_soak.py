@@ -86,8 +86,8 @@ TASKS_DRAIN_MARGIN_S = 60.0  # after the job step timeout, for every job to end
 HTTP_TIMEOUT = httpx.Timeout(connect=5.0, read=60.0, write=30.0, pool=30.0)
 PROGRESS_EVERY_S = 60.0
 
-# Fake Ollama: answers take ~0.2 s (streams are often in flight when an agent dies); pulls take ~5 s.
-FAKE = {"tokens": 8, "token_delay": 0.02, "pull_total": 20_000_000, "pull_speed": 4_000_000,
+# Fake Ollama: answers take ~0.4 s (streams are often in flight when an agent dies); pulls take ~5 s.
+FAKE = {"tokens": 8, "token_delay": 0.05, "pull_total": 20_000_000, "pull_speed": 4_000_000,
         "pull_layers": 2, "pull_interval": 0.1}
 CHAT_MODELS = ("llama3.2", "qwen2.5:0.5b")
 PULL_MODELS = ("tinyllama:latest", "gemma3:1b", "nomic-embed-text:latest", "llama3.1:8b")
@@ -95,7 +95,15 @@ MAX_BODY = 4 * MiB  # the controller's max_body_bytes in this run: over-limit bo
 HUGE_CONTENT = 1 * MiB  # a valid, large chat body (under the limit)
 DEEP = 20_000  # nesting levels of the deep-JSON cases (~40 KB)
 VANDAL = "soak-vandal"  # a node account that never runs an agent; publishes bogus payloads
+NO_AGENT = (b"no available agents", b"agents failed", b"agent failed", b"is not available for model")
 TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})
+
+
+def outcome(status: int, body: bytes) -> str:
+    """A bad-input case's outcome; a valid (if odd) proxied request may meet a fleet with no agent to serve it."""
+    if status in (502, 503) and any(m in body for m in NO_AGENT):
+        return f"{status} (no agent)"
+    return str(status)
 
 
 def now() -> float:
@@ -163,6 +171,7 @@ class Sample:
     threads: int
     db: int
     wal: int
+    other: int  # every other file in the controller's data dir (e.g. a request-log journal), logs aside
     answered: int
     alive: int
 
@@ -171,6 +180,7 @@ class Sample:
 class Tally:
     answered_rids: set[str] = field(default_factory=set)
     proxy_status: Counter[str] = field(default_factory=Counter)  # "stream 200", "plain 503", ...
+    proxy_5xx: list[float] = field(default_factory=list)  # when (s into the run) a proxied answer was 5xx
     no_rid: int = 0  # answers without X-Fleet-Request-Id (rejected before routing)
     no_answer: Counter[str] = field(default_factory=Counter)  # transport errors before any status line
     cut: int = 0  # answers whose body broke off (an agent died mid-stream)
@@ -190,7 +200,7 @@ class Tally:
 
 
 async def raw_request(host: str, port: int, head: bytes, body: bytes = b"",
-                      timeout: float = 30.0) -> tuple[int, dict[str, str]]:
+                      timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
     """Send `head` + body on a fresh connection (`Connection: close`); status and headers of the answer."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -201,7 +211,7 @@ async def raw_request(host: str, port: int, head: bytes, body: bytes = b"",
             data = await reader.read()  # until the server closes: the whole answer
     finally:
         writer.close()
-    head_bytes, _, _ = data.partition(b"\r\n\r\n")
+    head_bytes, _, rest = data.partition(b"\r\n\r\n")
     lines = head_bytes.split(b"\r\n")
     if not lines or len(lines[0].split()) < 2:
         raise ConnectionError(f"no status line: {data[:80]!r}")
@@ -209,7 +219,7 @@ async def raw_request(host: str, port: int, head: bytes, body: bytes = b"",
     for line in lines[1:]:
         k, _, v = line.partition(b":")
         headers[k.strip().lower().decode("latin-1")] = v.strip().decode("latin-1")
-    return int(lines[0].split()[1]), headers
+    return int(lines[0].split()[1]), headers, rest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,8 +353,12 @@ class Soak:
             fds, threads = self.proc.num_fds(), self.proc.num_threads()
         except psutil.Error:
             mem = fds = threads = -1  # the controller died: the verdict says so
-        self.samples.append(Sample(self.elapsed(), mem, fds, threads, size(self.db_path),
-                                   size(self.db_path.with_name("fleet.db-wal")),
+        db, wal = size(self.db_path), size(self.db_path.with_name("fleet.db-wal"))
+        total = 0
+        for f in self.db_path.parent.rglob("*"):
+            if f.suffix != ".log":
+                total += size(f) if not f.is_dir() else 0
+        self.samples.append(Sample(self.elapsed(), mem, fds, threads, db, wal, total - db - wal,
                                    len(self.tally.answered_rids), sum(n.alive for n in self.nodes)))
 
     async def progress(self) -> None:
@@ -352,7 +366,7 @@ class Soak:
             s = self.samples[-1] if self.samples else None
             if s:
                 print(f"  t={s.t:6.0f}s rss={s.rss / MiB:6.1f} MiB fds={s.fds:4d} db={s.db / MiB:6.2f} MiB "
-                      f"wal={s.wal / MiB:5.2f} MiB answered={s.answered} agents alive={s.alive} "
+                      f"wal={s.wal / 1024:5.0f} KiB answered={s.answered} agents alive={s.alive} "
                       f"kills={sum(n.kills for n in self.nodes)}", flush=True)
 
     # ---- churn -------------------------------------------------------------------------------
@@ -440,6 +454,8 @@ class Soak:
 
     def record(self, status: int, rid: str | None, kind: str) -> None:
         self.tally.proxy_status[f"{kind} {status}"] += 1
+        if status >= 500:
+            self.tally.proxy_5xx.append(self.elapsed())
         if rid:
             self.tally.answered_rids.add(rid)
         else:
@@ -506,7 +522,7 @@ class Soak:
                 except httpx.HTTPError as e:  # e.g. 413 sent while the body was still going out
                     return f"closed ({type(e).__name__})"
                 self.record_rid_if_proxied(path, r)
-                return str(r.status_code)
+                return outcome(r.status_code, r.content)
             return go
 
         def get(path: str) -> Callable[[], Awaitable[str]]:
@@ -524,12 +540,12 @@ class Soak:
                         + (b"Authorization: Bearer " + self.token.encode() + b"\r\n" if admin else b"")
                         + (b"Content-Type: application/json\r\n" if body else b""))
                 try:
-                    status, headers = await raw_request("127.0.0.1", port, head, body)
+                    status, headers, answer = await raw_request("127.0.0.1", port, head, body)
                 except (OSError, ConnectionError, TimeoutError) as e:
                     return f"no answer ({type(e).__name__})"
                 if path.startswith(("/api/chat", "/v1/")):
                     self.record(status, headers.get("x-fleet-request-id"), "raw")
-                return str(status)
+                return outcome(status, answer)
             return go
 
         deep = b"[" * DEEP + b"]" * DEEP
@@ -762,8 +778,8 @@ def report(s: Soak, args: argparse.Namespace) -> bool:
     t = s.tally
     samples = [x for x in s.samples if x.rss > 0]
     print("\n== samples (controller process) ==")
-    print(f"{'t s':>7} {'RSS MiB':>8} {'fds':>5} {'thr':>4} {'DB MiB':>7} {'WAL MiB':>8} {'answered':>9} "
-          f"{'alive':>5}  churn since the previous row")
+    print(f"{'t s':>7} {'RSS MiB':>8} {'fds':>5} {'thr':>4} {'DB MiB':>7} {'WAL KiB':>8} {'other KiB':>9} "
+          f"{'answered':>9} {'alive':>5}  churn since the previous row")
     rows = max(1, len(s.samples) // 24)
     shown = s.samples[::rows] + ([s.samples[-1]] if (len(s.samples) - 1) % rows else [])
     prev = -1.0
@@ -772,8 +788,8 @@ def report(s: Soak, args: argparse.Namespace) -> bool:
         kills = sum(e.startswith("SIGKILL") for e in happened)
         notes = [e for e in happened if not e.startswith(("SIGKILL", "back"))]
         what = (f"{kills} kill(s) " if kills else "") + "; ".join(notes)
-        print(f"{x.t:7.0f} {x.rss / MiB:8.1f} {x.fds:5d} {x.threads:4d} {x.db / MiB:7.2f} {x.wal / MiB:8.2f} "
-              f"{x.answered:9d} {x.alive:5d}  {what[:70]}")
+        print(f"{x.t:7.0f} {x.rss / MiB:8.1f} {x.fds:5d} {x.threads:4d} {x.db / MiB:7.2f} {x.wal / 1024:8.0f} "
+              f"{x.other / 1024:9.0f} {x.answered:9d} {x.alive:5d}  {what[:60]}")
         prev = x.t
 
     print("\n== traffic ==")
@@ -781,6 +797,12 @@ def report(s: Soak, args: argparse.Namespace) -> bool:
         print(f"  {k:28} {v}")
     print(f"  answers with a request id: {len(t.answered_rids)}, without (rejected before routing): {t.no_rid}, "
           f"bodies cut mid-way: {t.cut}")
+    stop = next((et for et, e in t.events if e == "broker stop"), None)
+    back = next((et for et, e in t.events if e == "broker back"), None)
+    if stop is not None and back is not None:
+        during = sum(stop <= x <= back + BROKER_RECOVER_S for x in t.proxy_5xx)
+        print(f"  proxied 5xx: {len(t.proxy_5xx)}, {during} of them during the broker restart "
+              f"({stop:.0f}-{back:.0f} s, +{BROKER_RECOVER_S:.0f} s), {len(t.proxy_5xx) - during} at other times")
     if t.no_answer:
         print(f"  no answer at all: {dict(t.no_answer)}")
     print(f"  pulls: {dict(sorted(t.pulls.items()))}; jobs created: {len(t.task_ids)}")
@@ -817,7 +839,8 @@ def report(s: Soak, args: argparse.Namespace) -> bool:
         verdicts.append(("memory/fds flat", False, f"too few samples after warm-up ({len(steady)})"))
     db0, db1 = s.samples[0].db, s.samples[-1].db
     print(f"\n== database == {db0 / MiB:.2f} -> {db1 / MiB:.2f} MiB (+{(db1 - db0) / max(1, s.log_rows):.0f} bytes "
-          f"per request-log row), WAL max {max(x.wal for x in s.samples) / MiB:.2f} MiB; request-log rows in the "
+          f"per request-log row), WAL max {max(x.wal for x in s.samples) / 1024:.0f} KiB, other files max "
+          f"{max(x.other for x in s.samples) / 1024:.0f} KiB; request-log rows in the "
           f"run: {s.log_rows} (API total {s.log_total_api}), {s.log_errors} with an error")
     detail = (f"{len(t.answered_rids)} answered request ids, {len(s.missing)} missing from the log"
               + (f" e.g. {s.missing[:3]}" if s.missing else "")
@@ -831,7 +854,7 @@ def report(s: Soak, args: argparse.Namespace) -> bool:
     detail = (f"{len(t.task_ids)} jobs: {dict(by_status)}; unfinished in /api/tasks: {len(stuck)} "
               f"(after {s.tasks_after:.1f} s)")
     verdicts.append(("pull jobs ended", all(k in TERMINAL for k in by_status) and not stuck, detail))
-    bad5 = {case: n for case, c in t.bad.items() for o, n in c.items() if o.startswith("5")}
+    bad5 = {case: n for case, c in t.bad.items() for o, n in c.items() if o.startswith("5") and "no agent" not in o}
     verdicts.append(("no 5xx for bad input", not bad5, f"{bad5 or 'none'}"))
     read5 = {k: v for k, v in t.reads.items() if k.split()[-1].startswith("5") or "no answer" in k}
     verdicts.append(("no 5xx for reads", not read5, f"{read5 or 'none'}"))
