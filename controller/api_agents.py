@@ -113,7 +113,6 @@ def _settings_body(body: dict[str, Any]) -> tuple[str | None, list[str] | None, 
 
 @bp.put("/api/agents/<agent_id:str>/settings")
 @openapi.summary("Rename an agent, set its tags and notes")
-@openapi.body({"application/json": {"display_name": str, "tags": [str], "notes": str}})
 @require_admin
 async def agent_settings(request: Request, agent_id: str) -> HTTPResponse:
     a = _agent(request, agent_id)

@@ -97,8 +97,6 @@ def _pull_args(body: dict[str, Any]) -> tuple[str, bool, bool] | HTTPResponse:
                      "skip agents that have the model (unless `force`); an unfinished identical job is reused. "
                      "Errors: 400 bad name/body, 404 unknown agent, 503 agent offline (unless "
                      "`queue_if_offline`: the job then waits for it), 507 not enough disk on any target.")
-@openapi.body({"application/json": {"model_name": str, "target": str, "agent_ids": [str], "force": bool,
-                                    "queue_if_offline": bool}})
 @require_admin
 async def distribute(request: Request) -> HTTPResponse:
     body = json_body(request)
@@ -118,7 +116,6 @@ async def distribute(request: Request) -> HTTPResponse:
 
 @bp.post("/api/agents/<agent_id:str>/models/pull")
 @openapi.summary("Pull a model onto one agent -> 202 {task_id}")
-@openapi.body({"application/json": {"model_name": str, "force": bool, "queue_if_offline": bool}})
 @require_admin
 async def pull_one(request: Request, agent_id: str) -> HTTPResponse:
     body = json_body(request)

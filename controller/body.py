@@ -286,8 +286,8 @@ async def read_body(request: Request, limit: int, spool_dir: Path | None = None)
                 parts.append(chunk)
                 if size <= SMALL_BODY:
                     continue
-                spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=str(spool_dir) if spool_dir else None,
-                                                     prefix="fleet-body-")
+                spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115  # closed by Payload.close()
+                    max_size=SPOOL_MEMORY, dir=str(spool_dir) if spool_dir else None, prefix="fleet-body-")
                 scan = Scanner()
                 for p in parts:
                     spool.write(p)

@@ -286,10 +286,11 @@ def install(app: Sanic) -> None:
     fleet.ingest.commands["distribute"] = dist.on_command
     fleet.ingest.commands["model.distribute"] = dist.on_command  # the name specs/mqtt.md first planned
 
-    from . import api_models, api_ollama_models
+    from . import api_docs, api_models, api_ollama_models
 
     app.blueprint(api_models.bp)
     app.blueprint(api_ollama_models.bp)
+    api_docs.install(app)  # request bodies and parameters of every route (all blueprints), for /docs
 
     # registered after the Fleet's own listeners: starts after the store exists, stops before it closes
     @app.before_server_start

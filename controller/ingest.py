@@ -7,14 +7,25 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aiomqtt
 
 from fleet import mqtt as fmqtt
 from fleet.protocol import (
-    CONTROLLER_NODE, PROTO, PROTO_RANGE, RETAINED_KINDS, ProtocolError, Topics, check, decode, encode, new_session,
+    CONTROLLER_NODE,
+    PROTO,
+    PROTO_RANGE,
+    RETAINED_KINDS,
+    ProtocolError,
+    Topics,
+    check,
+    decode,
+    encode,
+    new_session,
 )
+from fleet.sanitize import clean_text
 from fleet.settings import Config
 
 from .registry import Registry
@@ -60,8 +71,9 @@ class Ingest:
         attempt = 0
         while True:
             will = aiomqtt.Will(self.topics.controller_status, self._status(False), qos=1, retain=True)
-            kwargs = fmqtt.client_kwargs(self.cfg, f"fleet-controller-{self.instance[:12]}", will)
             try:
+                # the broker replaces this id by the account's name (use_username_as_clientid, broker/)
+                kwargs = fmqtt.client_kwargs(self.cfg, f"fleet-controller-{self.instance[:12]}", will)
                 async with aiomqtt.Client(**kwargs) as client:
                     await client.subscribe(self.topics.nodes_wildcard, qos=1)
                     await client.subscribe(self.topics.controller_cmd_wildcard, qos=1)
@@ -161,16 +173,17 @@ class Ingest:
             log.error("background work from ingest failed", exc_info=task.exception())
 
     def drop(self, topic: str, reason: str, detail: str = "") -> None:
+        topic, detail = clean_text(topic, 200), clean_text(detail, 300)  # both may quote the sender's bytes
         self.counters["dropped"] += 1
         self.counters[f"dropped.{reason}"] += 1
         now = time.time()
         if now - self._last_log.get(reason, 0) >= LOG_EVERY:
             self._last_log[reason] = now
-            log.warning("dropped MQTT message on %s: %s (%d so far)", topic[:200], detail or reason,
+            log.warning("dropped MQTT message on %s: %s (%d so far)", topic, detail or reason,
                         self.counters[f"dropped.{reason}"])
         if now - self._last_event.get(reason, 0) >= EVENT_EVERY:
             self._last_event[reason] = now
-            self.registry.event("ingest_error", None, f"dropped message on {topic[:200]}: {detail or reason}",
+            self.registry.event("ingest_error", None, f"dropped message on {topic}: {detail or reason}",
                                 "warning", reason=reason)
 
     # ---- publishing (controller -> agents) -------------------------------------------------

@@ -196,10 +196,9 @@ class Proxy:
         journal = self.requests.journal
         assert journal is not None
         if journal.leftover:
-            read, dropped = await store.write(replay_journal, journal.leftover)
-            self.requests.replayed, self.requests.dropped = read - dropped, dropped
-            log.info("request log: %d rows recovered from the journal (%d unreadable or refused)", read - dropped,
-                     dropped)
+            written, dropped = await store.write(replay_journal, journal.leftover)
+            self.requests.replayed, self.requests.dropped = written, dropped
+            log.info("request log: %d rows recovered from the journal (%d unreadable or refused)", written, dropped)
 
     async def stop(self) -> None:
         """Never raises: the registry's own shutdown flush comes after this."""

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,13 @@ from .exports import to_csv as safe_csv
 from .router import normalize_model
 
 log = logging.getLogger("fleet.requestlog")
+
+try:  # ~0.8 us a row instead of ~3.6 (json): the journal append is on every request's path
+    from ujson import dumps as _ujson_dumps  # Sanic's own JSON encoder, installed with it
+
+    _dumps: Callable[[Any], str] = _ujson_dumps
+except ImportError:  # pragma: no cover
+    _dumps = json.dumps
 
 PAGE_SIZES = (25, 50, 100)
 EXPORT_MAX = 100_000  # rows in one CSV/JSON export
@@ -102,7 +110,7 @@ class Journal:
     def append(self, row: dict[str, Any]) -> None:
         if self.failed:
             return
-        data = json.dumps([row[c] for c in COLUMNS], separators=(",", ":")).encode() + b"\n"
+        data = _dumps([row[c] for c in COLUMNS]).encode() + b"\n"
         try:
             os.write(self._fd, data)
             self._rows += 1
@@ -225,7 +233,8 @@ def _insert_sql() -> str:
 
 
 def replay_journal(paths: list[Path]) -> tuple[int, int]:
-    """Write the rows of journal segments left by a crash, then delete them. (rows read, rows dropped)."""
+    """Write the rows of journal segments left by a crash, then delete them. (rows written, rows dropped:
+    unreadable lines and rows the database refused)."""
     total = dropped = 0
     for path in paths:
         rows: list[dict[str, Any]] = []
@@ -244,9 +253,9 @@ def replay_journal(paths: list[Path]) -> tuple[int, int]:
                 continue
             rows.append(clean_row(dict(zip(COLUMNS, values))))
         for i in range(0, len(rows), REPLAY_CHUNK):
-            _, d = write_rows(rows[i:i + REPLAY_CHUNK])
+            w, d = write_rows(rows[i:i + REPLAY_CHUNK])
+            total += w
             dropped += d
-        total += len(rows)
         path.unlink(missing_ok=True)
     return total, dropped
 

@@ -69,6 +69,7 @@ class DeadlineHttp(Http):
             return
         self.exception = RequestTimeout(f"{what} not received within {seconds:g} s")
         self.keep_alive = False
+        self.request_body = None  # else Sanic would wait for the rest of the stalled body after the 408
         task.cancel()
 
 

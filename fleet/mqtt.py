@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .settings import Config, ConfigError
 
@@ -68,8 +69,18 @@ def client_kwargs(cfg: Config, identifier: str, will: aiomqtt.Will | None = None
         max_queued_incoming_messages=0,
     )
     if addr.tls:
-        kw["tls_context"] = ssl.create_default_context()
+        kw["tls_context"] = tls_context(cfg)
     return kw
+
+
+def tls_context(cfg: Config) -> ssl.SSLContext:
+    """Verifying TLS context for mqtts://: the CA file when given, else the system's trust store; the
+    certificate and the host name are always checked."""
+    ca_file = str(cfg.mqtt_ca_file or "")
+    try:
+        return ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"mqtt_ca_file {ca_file!r}: {e}") from None
 
 
 def expiry(cfg: Config, seconds: float) -> Properties | None:
@@ -106,6 +117,8 @@ def direct_dispatch(client: aiomqtt.Client, handler: Callable[[str, bytes], None
     loop = asyncio.get_running_loop()
     fd = sock.fileno()
 
+    pending = getattr(sock, "pending", None)  # TLS: bytes decrypted already but not yet read
+
     def read_all() -> None:
         try:
             for _ in range(READ_BATCH):
@@ -115,6 +128,11 @@ def direct_dispatch(client: aiomqtt.Client, handler: Callable[[str, bytes], None
                 if rc > 0:
                     paho._loop_rc_handle(rc)
                     return
+            # Batch used up. Over TLS the rest may sit decrypted inside the SSL object, which does not
+            # make the socket readable again: come back on the next loop iteration instead of waiting
+            # for more traffic.
+            if pending is not None and pending() > 0:
+                loop.call_soon(read_all)
         except Exception as exc:  # same contract as aiomqtt's reader: a broken socket ends the session
             if not client._disconnected.done():
                 client._disconnected.set_exception(exc)

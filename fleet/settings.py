@@ -51,6 +51,8 @@ SETTINGS: tuple[Setting, ...] = (
     _s("mqtt_protocol", str, "5", "MQTT protocol version: `5` or `311`.", choices=("5", "311")),
     _s("mqtt_keepalive", int, 15, "MQTT keepalive in seconds; a half-open connection is declared dead "
        "after 1.5x this."),
+    _s("mqtt_ca_file", str, "", "PEM file of the CA(s) that signed the broker's certificate, for `mqtts://` "
+       "(empty: the system's trusted CAs). The broker's host name is always verified."),
     _s("topic_prefix", str, "fleet/v1", "Root of the topic tree."),
     _s("log_level", str, "INFO", "Log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
     _s("log_format", str, "text", "Log format: `text` or `json` (one object per line).", choices=("text", "json")),

@@ -116,7 +116,8 @@ class StateWatch:
         self._lock = threading.Lock()
         subscribed = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-state-{uuid.uuid4().hex[:8]}")
-        self.client.username_pw_set("operator", broker.passwords["operator"])
+        user = broker.add_account("operator")  # its own account: client ids are bound to accounts
+        self.client.username_pw_set(user, broker.passwords[user])
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_a: subscribed.set()
         self.client.connect(broker.host, broker.port)

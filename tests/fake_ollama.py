@@ -364,6 +364,7 @@ class FakeOllama:
         self.max_in_flight = 0
         self.inference_in_flight = 0
         self.last_body: dict[str, Any] = {}
+        self.body_digests: list[dict[str, Any]] = []  # every request body's size and SHA-256 (the last 100)
         self.last_headers: dict[str, dict[str, str]] = {}
         self.last_request: dict[str, Any] | None = None
 
@@ -407,6 +408,7 @@ class FakeOllama:
             "cancelled": sum(self.cancelled_paths.values()),
             "cancelled_paths": dict(self.cancelled_paths),
             "last_body": self.last_body,
+            "body_digests": self.body_digests,
             "last_headers": self.last_headers,
             "last_request": self.last_request,
             "loaded": sorted(self._loaded_names()),
@@ -565,10 +567,14 @@ class FakeOllama:
         raw = request.body or b""
         body: Any
         try:
-            body = json.loads(raw) if raw else None
+            body = json.loads(raw) if raw and len(raw) <= 1 << 20 else None
         except ValueError:
             body = raw[:65536].decode("utf-8", "replace")
         if path.startswith("/api/blobs/"):
+            body = {"bytes": len(raw)}
+        self.body_digests = [*self.body_digests[-99:],
+                             {"path": path, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}]
+        if len(raw) > 1 << 20:  # a large body: its digest above, not its text in every stats answer
             body = {"bytes": len(raw)}
         headers = {k: v for k, v in request.headers.items()}
         self.last_body[path] = body
@@ -1247,7 +1253,7 @@ class FakeOllama:
         raw = body.get("input")
         if raw is None or raw == "" or raw == []:
             return self._err(400, "invalid input", openai=True)
-        inputs = [raw] if isinstance(raw, str) else list(raw)
+        inputs = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else [None]
         if not all(isinstance(i, str) for i in inputs):
             return self._err(400, "invalid input", openai=True)
         name, spec, err = self._check_model(body, "embedding", openai=True)

@@ -21,7 +21,10 @@ PREFIX = "fleet/v1"
 class JobWatcher:
     """Every job status document the broker delivers (as `operator`), with the time it arrived."""
 
-    def __init__(self, broker: Any, topic: str = f"{PREFIX}/nodes/+/jobs/+", user: str = "operator") -> None:
+    def __init__(self, broker: Any, topic: str = f"{PREFIX}/nodes/+/jobs/+", user: str | None = None) -> None:
+        # its own operator-role account: client ids are bound to accounts, and publish() below connects as
+        # "operator" while this watcher stays connected
+        user = user or broker.add_account("operator")
         self.docs: list[tuple[float, str, dict[str, Any]]] = []
         self.cleared: list[str] = []
         self._lock = threading.Lock()

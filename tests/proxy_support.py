@@ -64,7 +64,8 @@ def session_of(broker: Any, node: str, timeout: float = 5.0) -> str:
     got: dict[str, str] = {}
     done = threading.Event()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-session-{uuid.uuid4().hex[:6]}")
-    client.username_pw_set("controller", broker.passwords["controller"])
+    user = broker.add_account("controller")  # not "controller": that would take the controller's connection over
+    client.username_pw_set(user, broker.passwords[user])
 
     def on_message(_c: Any, _u: Any, msg: Any) -> None:
         if msg.payload:
@@ -84,10 +85,12 @@ def session_of(broker: Any, node: str, timeout: float = 5.0) -> str:
 
 
 def publish_heartbeat(broker: Any, node: str, **figures: Any) -> None:
-    """A heartbeat as the agent's own MQTT user, carrying these load figures (cpu, mem, gpus...)."""
+    """A heartbeat in the agent's session carrying these load figures (cpu, mem, gpus...). Sent with a
+    controller-role account: the agent's own account would take the running agent's connection over."""
     doc = {"v": 1, "session": session_of(broker, node), "seq": 10_000, "ts": time.time(), **figures}
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-hb-{uuid.uuid4().hex[:6]}")
-    client.username_pw_set(node, broker.passwords[node])
+    user = broker.add_account("controller")
+    client.username_pw_set(user, broker.passwords[user])
     client.connect(broker.host, broker.port)
     client.loop_start()
     try:

@@ -258,7 +258,9 @@ def test_agent_cannot_write_other_node(peers: Peers) -> None:
     assert before == []
     # Nothing forged was retained either: retained messages are sent right after SUBACK, so they
     # would arrive before a marker published afterwards.
-    late = peers.connect("controller")
+    # a second controller-role account: client ids are bound to accounts, so a second connection of
+    # "controller" would take the first one over
+    late = peers.connect(peers.mq.add_account("controller"))
     peers.subscribe(late, "fleet/v1/nodes/node-b/#")
     assert peers.barrier(controller, late, "fleet/v1/nodes/node-b/marker") == []
 
@@ -315,7 +317,8 @@ def test_will_on_foreign_topic_not_delivered(peers: Peers) -> None:
     honest = peers.connect("node-b", will=("fleet/v1/nodes/node-b/state", b'{"state":"lost","own":1}'))
     peers.drop_connection(forger)
     # mosquitto logs the disconnect in the same call that handles the will: wait for it.
-    peers.wait(lambda: f"Client {forger.name} closed its connection" in peers.mq.log_text(), "forger gone")
+    # the broker knows the connection by its username (use_username_as_clientid)
+    peers.wait(lambda: "Client node-a closed its connection" in peers.mq.log_text(), "forger gone")
     peers.drop_connection(honest)
     # Positive control: node-b's own will is delivered, and it is the only will.
     peers.wait(lambda: any(m.payload.endswith(b'"own":1}') for m in controller.messages), "own will")
@@ -360,7 +363,7 @@ def test_retained_snapshot_burst_not_dropped(peers: Peers) -> None:
         writer.client.publish(f"fleet/v1/nodes/n{i:04d}/models", b"{}", qos=1, retain=True) for i in range(n)
     ]
     peers.wait(lambda: all(i.mid in writer.pubacks for i in infos), f"{n} PUBACKs")
-    reader = peers.connect("controller")
+    reader = peers.connect(peers.mq.add_account("controller"))  # its own account: see add_account
     peers.subscribe(reader, "fleet/v1/nodes/+/models")
     seen = peers.barrier(writer, reader, "fleet/v1/nodes/zz-marker/models")
     assert len({m.topic for m in seen if m.retain}) == n

@@ -139,16 +139,17 @@ def test_controller_restart_keeps_every_agent(fleet):
 
 def test_agent_cannot_write_into_another_agents_subtree(fleet):
     c = fleet.controller()
-    fleet.agent("node-a")
     fleet.agent("node-b")
     b = c.wait_agent("node-b", status="online")
-    c.wait_agent("node-a", status="online")
+    fleet.credentials("node-a")  # no agent process: its account is ours (one connection per account)
     before = c.http.get("/api/ingest").json()["counters"]
     # node-a forges node-b's death certificate and a command; the ACL must drop both
     forged = json.dumps({"v": 1, "state": "lost", "session": "x"}).encode()
+    birth = json.dumps({"v": 1, "state": "online", "session": "a" * 32}).encode()
     codes = _publish_as(fleet.broker, "node-a", [
         ("fleet/v1/nodes/node-b/state", forged, True),
         ("fleet/v1/cmd/node-b/agent.disconnect", b'{"v":1}', False),
+        ("fleet/v1/nodes/node-a/state", birth, False),
         ("fleet/v1/nodes/node-a/events", json.dumps({"v": 1, "event": "probe"}).encode(), False),
     ])
     # the last publish is allowed: once it is counted, the forged ones would have been seen before it
@@ -156,7 +157,7 @@ def test_agent_cannot_write_into_another_agents_subtree(fleet):
     after = c.agent("node-b")
     assert after["state"] == "online" and after["routable"] is True
     assert after["last_seen"] >= b["last_seen"]
-    assert codes == [135, 135, 0]  # v5 PUBACK: Not authorized, Not authorized, Success
+    assert codes == [135, 135, 0, 0]  # v5 PUBACK: Not authorized, Not authorized, Success, Success
 
 
 def test_will_of_an_older_session_is_ignored(fleet):
@@ -164,7 +165,9 @@ def test_will_of_an_older_session_is_ignored(fleet):
     fleet.agent("node-s")
     c.wait_agent("node-s", status="online")
     old_will = json.dumps({"v": 1, "state": "lost", "session": "0" * 32}).encode()
-    _publish_as(fleet.broker, "node-s", [("fleet/v1/nodes/node-s/state", old_will, False)])
+    # sent with a controller-role account: node-s's own would take the running agent's connection over
+    _publish_as(fleet.broker, fleet.broker.add_account("controller"),
+                [("fleet/v1/nodes/node-s/state", old_will, False)])
     wait_until(lambda: c.http.get("/api/ingest").json()["counters"].get("ignored.stale_session", 0) >= 1)
     assert c.agent("node-s")["state"] == "online"
 
@@ -184,7 +187,8 @@ def test_malformed_messages_are_dropped_counted_and_ingest_goes_on(fleet):
     c = fleet.controller()
     fleet.agent("node-m")
     c.wait_agent("node-m", status="online")
-    _publish_as(fleet.broker, "node-m", [(t, p, False) for t, p, _ in BAD_PAYLOADS])
+    # a controller-role account: node-m's own would take the running agent's connection over
+    _publish_as(fleet.broker, fleet.broker.add_account("controller"), [(t, p, False) for t, p, _ in BAD_PAYLOADS])
     expected: dict[str, int] = {}
     for _, _, key in BAD_PAYLOADS:
         expected[key] = expected.get(key, 0) + 1

@@ -44,7 +44,7 @@ def test_hostile_model_names_and_header_bytes_never_poison_the_log(fleet):
     assert page["total"] == 6
     models = [x["model"] for x in page["requests"]]
     assert "\ufffd:latest" in models and "llama\ufffdx:latest" in models and "llama3.2:latest" in models
-    pinned = [x for x in page["requests"] if x["status"] == 503][0]
+    pinned = next(x for x in page["requests"] if x["status"] == 503)
     assert "\ufffd\ufffd-node" in pinned["error"]
     # what is on disk is valid UTF-8 text, and the periodic flusher keeps working afterwards
     assert c.http.post("/api/chat", content=b'{"model":"llama3.2",' + CHAT + b"}").status_code == 200

@@ -58,8 +58,9 @@ class Watch:
         self.loop = loop
         exe = shutil.which("mosquitto_sub")
         assert exe, "mosquitto_sub (mosquitto-clients) is required"
+        watch = broker.add_account("operator")  # its own account: client ids are bound to accounts
         self.proc = subprocess.Popen(
-            [exe, "-h", "127.0.0.1", "-p", str(broker.port), "-u", "operator", "-P", broker.passwords["operator"],
+            [exe, "-h", "127.0.0.1", "-p", str(broker.port), "-u", watch, "-P", broker.passwords[watch],
              "-q", "1", "-F", "%U %t %p", "-t", "fleet/v1/nodes/+/jobs/+", "-t", "fleet/v1/cmd/+/model.pull"],
             stdout=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
