@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-# Operations that take no body by nature (documented as an optional, ignored one is still required).
+# Methods whose operations must document a body (body-less actions document an optional, ignored one).
 WRITE_METHODS = ("post", "put", "patch")
 
 

@@ -14,13 +14,13 @@ from hypothesis.configuration import set_hypothesis_home_dir
 # default, which pytest then warns about: warnings are errors here). Keep them out of the repository.
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="fleet-hypothesis-"))
 
-import schemathesis  # noqa: E402
-import schemathesis.engine  # noqa: E402
-from schemathesis.config import SchemathesisConfig  # noqa: E402
-from schemathesis.engine import Status  # noqa: E402
-from schemathesis.engine import events  # noqa: E402
+import schemathesis
+import schemathesis.engine
+from schemathesis.config import SchemathesisConfig
+from schemathesis.engine import Status
+from schemathesis.engine import events
 
-from tests.proxy_support import start_fleet  # noqa: E402
+from tests.proxy_support import start_fleet
 
 TOKEN = "schemathesis-admin-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
