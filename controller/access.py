@@ -120,6 +120,8 @@ def needs(request: Request) -> Role | None:
 
 async def guard(request: Request) -> HTTPResponse | None:
     """Request middleware: the central policy for every route that has no policy of its own."""
+    if request.route is None:  # nothing was routed (a timed-out partial request): the error handler answers
+        return None
     need = needs(request)
     if need is None or request.method == "OPTIONS":
         return None

@@ -84,6 +84,8 @@ def _refuse(request: Request, message: str) -> HTTPResponse:
 
 async def check(request: Request) -> HTTPResponse | None:
     """Request middleware (first in line)."""
+    if request.route is None:  # nothing was routed (a timed-out partial request): the error handler answers
+        return None
     cfg = request.app.ctx.fleet.cfg
     if is_loopback_bind(str(cfg.host)) and not allowed_host(request.headers.get("host", "")):
         return _refuse(request, "forbidden: this controller listens on loopback and serves only local host names")
