@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sanic import Sanic
+from sanic.exceptions import SanicException
 from sanic_ext import Extend
 
 from fleet import __version__
@@ -19,6 +20,7 @@ from fleet.settings import Config, ConfigError
 from . import access, origin, peer
 from . import db as dbm
 from .auth_web import Sessions, load_sessions
+from .http import sanic_error
 from .hub import Hub
 from .ingest import Ingest
 from .proxy import Proxy
@@ -216,6 +218,7 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     app.on_request(origin.check)  # first: a foreign page or host name is refused before anything else
     app.on_request(access.guard)
     app.on_response(origin.decorate)
+    app.error_handler.add(SanicException, sanic_error)
 
     from . import api_agents, api_proxy, api_requests, api_unsupported
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import hmac
 import json as jsonlib
-from functools import wraps
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from sanic import Request, json
+from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 
 from fleet.sanitize import clean_tree
-
-Handler = Callable[..., Awaitable[HTTPResponse]]
-
 
 def error(status: int, message: str, **extra: Any) -> HTTPResponse:
     """Management API errors use Ollama's own shape: {"error": "..."}."""
@@ -81,3 +77,20 @@ def json_body(request: Request, optional: bool = False) -> dict[str, Any] | HTTP
         return error(400, "request body must be a JSON object")
     return clean_tree(body)
 
+
+def error_response(openai: bool, status: int, message: str, code: str | None = None) -> HTTPResponse:
+    """An error in the API's own shape: native `{"error": "..."}`, OpenAI's error object."""
+    if not openai:
+        return json({"error": message}, status=status)
+    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+            408: "invalid_request_error", 413: "invalid_request_error"}.get(status, "api_error")
+    return json({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                         status=status)
+
+
+def sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
+    """Sanic's own refusals (404, 405, 408, 413...) in the API's error shape, like every other error."""
+    resp = error_response(request.path.startswith("/v1/"), exc.status_code, str(exc) or exc.message)
+    for k, v in (getattr(exc, "headers", None) or {}).items():
+        resp.headers[k] = v
+    return resp

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from sanic import Request
 from sanic.response import HTTPResponse, empty
 
-from .proxy import error_response
+from .http import error_response
 
 CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, X-Stainless-Lang, " \

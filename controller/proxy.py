@@ -26,7 +26,7 @@ from fleet.sanitize import clean_text
 from fleet.settings import Config
 
 from .body import TooLarge, read_body
-from .http import bearer, parse_json
+from .http import bearer, error_response, parse_json
 from .keys import KeyRing
 from .keys import state as key_state
 from .peer import client_ip
@@ -76,16 +76,6 @@ class Endpoint:
 
     def error(self, status: int, message: str, code: str | None = None) -> HTTPResponse:
         return error_response(self.openai, status, message, code)
-
-
-def error_response(openai: bool, status: int, message: str, code: str | None = None) -> HTTPResponse:
-    """An error in the API's own shape: native `{"error": "..."}`, OpenAI's error object."""
-    if not openai:
-        return json_response({"error": message}, status=status)
-    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-            408: "invalid_request_error", 413: "invalid_request_error"}.get(status, "api_error")
-    return json_response({"error": {"message": message, "type": kind, "param": None, "code": code}},
-                         status=status)
 
 
 def inband_error(content_type: str, path: str, message: str, events_sent: int) -> bytes:

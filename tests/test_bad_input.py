@@ -209,3 +209,16 @@ def test_wrong_json_types_in_operator_actions_are_4xx(live):
         assert r.status_code == 400, (path, body, r.status_code, r.text)
         assert word in _error_shape(r), (path, body, r.text)
     assert live.wait_agent(NODE, status="online")  # and the agent was never disconnected by any of it
+
+
+def test_sanics_own_refusals_use_the_api_error_shape(live):
+    c = live[0] if isinstance(live, tuple) else live
+    r = c.http.get("/api/no-such-thing")
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)
+    r = c.http.delete("/api/version")
+    assert r.status_code == 405 and isinstance(r.json()["error"], str) and r.headers.get("allow")
+    r = c.http.post("/v1/no-such-thing", json={})
+    assert r.status_code == 404 and isinstance(r.json()["error"]["message"], str)
+    r = c.http.put("/api/agents/x/settings", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and isinstance(r.json()["error"], str)
