@@ -14,9 +14,9 @@ from sanic_ext import openapi
 
 from fleet.model_names import normalize, valid_model_name
 
+from .access import require_admin
 from .catalogue import estimate_memory
 from .distribution import DistributionError, Distributor, has_model
-from .access import require_admin
 from .http import error, json_body
 from .jobs import STATUSES, JobLedger
 from .params import ParamError, int_param, text_param

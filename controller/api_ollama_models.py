@@ -22,8 +22,8 @@ from sanic.response import json as json_response
 
 from fleet.model_names import valid_model_name
 
-from .distribution import DistributionError, Distributor, has_model
 from .access import Role, authorize
+from .distribution import DistributionError, Distributor, has_model
 from .http import json_body
 from .jobs import JobLedger, JobRec
 from .registry import AgentRecord
@@ -59,7 +59,8 @@ def _denied(request: Request) -> HTTPResponse | None:
     fleet = request.app.ctx.fleet
     if not fleet.cfg.admin_token and fleet.proxy.keys.enabled:
         return fleet.proxy.authorize(request, False)[1]
-    return authorize(request, Role.ADMIN)
+    denied = authorize(request, Role.ADMIN)
+    return denied.json() if denied else None
 
 
 BOOL_FIELDS = ("stream", "insecure")  # Ollama's *bool fields: a string there is its 400 too

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json as jsonlib
 
 from sanic import Blueprint, Request, json
-from sanic.response import HTTPResponse, raw
+from sanic.response import HTTPResponse
 from sanic_ext import openapi
 
 from . import requestlog
@@ -21,7 +21,7 @@ bp = Blueprint("requests")
     "Filters: `model`, `agent`, `endpoint`, `client`, `status` (a code like 200, a class like 5xx, or "
     "`error`; comma-separated), `since`/`until` (epoch seconds or ISO 8601). Paging: `page` (from 1), "
     "`per_page` (25, 50 or 100). `export=csv|json` returns every matching row (up to 100,000) as a file.")
-async def list_requests(request: Request) -> HTTPResponse:
+async def list_requests(request: Request) -> HTTPResponse | None:
     fleet = request.app.ctx.fleet
     try:
         filters = requestlog.Filters(request.args)
@@ -41,10 +41,33 @@ async def list_requests(request: Request) -> HTTPResponse:
     await fleet.proxy.flush(barrier=True)  # read-your-writes: requests just finished are in the answer
     if export is None:
         return json(await fleet.store.read(requestlog.query_page, filters, page, per_page))
-    rows = await fleet.store.read(requestlog.query_export, filters)
-    if export == "csv":
-        body, ctype = requestlog.to_csv(rows).encode(), "text/csv; charset=utf-8"
-    else:
-        body, ctype = jsonlib.dumps(rows).encode(), "application/json"
-    return raw(body, content_type=ctype,
-               headers={"content-disposition": f'attachment; filename="requests.{export}"'})
+    await _stream_export(request, filters, export)
+    return None
+
+
+async def _stream_export(request: Request, filters: requestlog.Filters, export: str) -> None:
+    """CSV or a JSON array, written chunk by chunk as the rows are read (bounded memory at any size)."""
+    store = request.app.ctx.fleet.store
+    ctype = "text/csv; charset=utf-8" if export == "csv" else "application/json"
+    resp = await request.respond(content_type=ctype,
+                                 headers={"content-disposition": f'attachment; filename="requests.{export}"'})
+    after: tuple[float, int] | None = None
+    sent = 0
+    if export == "json":
+        await resp.send("[")
+    while sent < requestlog.EXPORT_MAX:
+        rows = await store.read(requestlog.query_export, filters, after,
+                                min(requestlog.EXPORT_CHUNK, requestlog.EXPORT_MAX - sent))
+        if not rows:
+            break
+        after = (rows[-1]["ts"], rows[-1]["id"])
+        for r in rows:
+            r.pop("id", None)
+        if export == "csv":
+            await resp.send(requestlog.to_csv(rows, header=sent == 0))
+        else:
+            await resp.send(("," if sent else "") + jsonlib.dumps(rows)[1:-1])
+        sent += len(rows)
+    if export == "csv" and sent == 0:
+        await resp.send(requestlog.to_csv([]))
+    await resp.send("]" if export == "json" else "", end_stream=True)

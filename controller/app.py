@@ -20,7 +20,7 @@ from fleet.settings import Config, ConfigError
 from . import access, origin, peer
 from . import db as dbm
 from .auth_web import Sessions, load_sessions
-from .http import sanic_error
+from .http import sanic_error, unexpected_error
 from .hub import Hub
 from .ingest import Ingest
 from .proxy import Proxy
@@ -219,6 +219,7 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     app.on_request(access.guard)
     app.on_response(origin.decorate)
     app.error_handler.add(SanicException, sanic_error)
+    app.error_handler.add(Exception, unexpected_error)
 
     from . import api_agents, api_proxy, api_requests, api_unsupported
 

@@ -15,15 +15,12 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import wraps
 from typing import Any, cast
-from urllib.parse import quote
 
 import peewee as pw
 from sanic import Request
-from sanic.response import HTTPResponse, html, json, redirect
+from sanic.response import HTTPResponse
 
 from .db import Base, register_models
 
@@ -32,8 +29,6 @@ SESSION_TTL = 12 * 3600  # seconds
 MAX_SESSIONS = 10_000  # live sessions kept; the oldest go first (bounded memory)
 CSRF_HEADER = "x-csrf-token"
 CSRF_FIELD = "csrf_token"
-
-Handler = Callable[..., Awaitable[Any]]
 
 
 class WebSession(Base):
@@ -104,8 +99,11 @@ class Sessions:
 
 
 def save_session(s: Session) -> None:
+    """Store a new session; drop expired ones and, past MAX_SESSIONS, the oldest (bounded table)."""
     WebSession.insert(id_hash=s.id_hash, role=s.role, token_fp=s.token_fp, expires=s.expires).execute()
     WebSession.delete().where(WebSession.expires < time.time()).execute()
+    newest = WebSession.select(WebSession.id_hash).order_by(WebSession.expires.desc()).limit(MAX_SESSIONS)
+    WebSession.delete().where(WebSession.id_hash.not_in(newest)).execute()
 
 
 def delete_session(id_hash: str) -> None:
@@ -113,7 +111,10 @@ def delete_session(id_hash: str) -> None:
 
 
 def load_sessions() -> list[dict[str, Any]]:
-    return cast(list[dict[str, Any]], list(WebSession.select().where(WebSession.expires > time.time()).dicts()))
+    """The newest MAX_SESSIONS live sessions, oldest first (the order Sessions evicts in)."""
+    q = (WebSession.select().where(WebSession.expires > time.time()).order_by(WebSession.expires.desc())
+         .limit(MAX_SESSIONS))
+    return cast(list[dict[str, Any]], list(q.dicts()))[::-1]
 
 
 def admin_token(request: Request) -> str:
@@ -128,7 +129,7 @@ def role_tokens(request: Request) -> dict[str, str]:
 def session(request: Request) -> Session | None:
     """The request's dashboard session, when auth is on and the cookie names a live session."""
     value = request.cookies.get(COOKIE)
-    if not value or not admin_token(request) or len(value) > 128:
+    if not value or not admin_token(request) or len(value) > 128 or not value.isascii():
         return None
     sessions: Sessions = request.app.ctx.sessions
     return sessions.get(value, role_tokens(request))
@@ -138,43 +139,7 @@ def csrf_ok(request: Request, s: Session) -> bool:
     sent = request.headers.get(CSRF_HEADER, "")
     if not sent and request.form:
         sent = request.form.get(CSRF_FIELD) or ""
-    return bool(sent) and hmac.compare_digest(sent.encode(), s.csrf.encode())
-
-
-def login_required(handler: Handler) -> Handler:
-    """Dashboard pages: a live session when auth is on (else the login form); loopback-only when it is off."""
-
-    @wraps(handler)
-    async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse:
-        from .access import Role, authorize
-
-        if admin_token(request) and session(request) is None and not request.headers.get("authorization"):
-            if request.path.startswith(("/dashboard/stream", "/dashboard/data/")):
-                return json({"error": "login required"}, status=401)
-            target = request.path + (f"?{request.query_string}" if request.query_string else "")
-            return redirect(f"/dashboard/login?next={quote(target, safe='')}", status=303)
-        denied = authorize(request, Role.VIEWER)
-        if denied is not None:
-            if wants_html(request) and denied.status == 403:
-                return html(_FORBIDDEN.format(message=_message(denied)), status=403)
-            return denied
-        return await handler(request, *args, **kwargs)
-
-    return wrapper
-
-
-_FORBIDDEN = ("<!doctype html><title>ollama-fleet: forbidden</title><h1>Forbidden</h1><p>{message}</p>"
-              "<p>See docs/security.md.</p>")
-
-
-def _message(resp: HTTPResponse) -> str:
-    import html as htmllib
-    import json as jsonlib
-
-    try:
-        return htmllib.escape(str(jsonlib.loads(resp.body or b"{}").get("error", "")))
-    except ValueError:
-        return "forbidden"
+    return bool(sent) and sent.isascii() and hmac.compare_digest(sent.encode(), s.csrf.encode())
 
 
 def safe_next(value: str | None) -> str:

@@ -20,6 +20,8 @@ from typing import IO, Any
 
 from sanic import Request
 
+from .http import MAX_JSON_DEPTH
+
 SMALL_BODY = 1 << 20  # bytes read whole and parsed with the JSON parser
 SPOOL_MEMORY = 1 << 20  # bytes of a larger body kept in memory before it moves to a temporary file
 SEND_PIECE = 256 * 1024  # bytes per write upstream when sending a spooled body
@@ -27,7 +29,7 @@ DRAIN_MAX = 16 << 20  # bytes past the limit still read (and discarded) so the c
 WANTED = frozenset({b"model", b"name", b"stream"})  # every top-level field the proxy reads
 VALUE_CAP = 4096  # bytes of a wanted field's raw value; longer ones are unusable (a model name is short)
 KEY_CAP = 16  # bytes of a top-level key worth remembering (the wanted ones are shorter)
-MAX_DEPTH = 512  # nesting accepted by the scanner, in line with the bounded JSON parser
+MAX_DEPTH = MAX_JSON_DEPTH  # the scanner accepts what the bounded JSON parser accepts
 # Structural characters handled one by one (brackets below the top level; quotes, colons and commas in
 # it): bounds the scanner's CPU (~1 us each) for bodies like `[[],[],...]`; ordinary bodies have far fewer.
 MAX_TOKENS = 500_000

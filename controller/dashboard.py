@@ -19,9 +19,9 @@ from fleet import __version__
 
 from . import access, auth_web, requestlog
 from . import dashboard_data as data
-from .peer import is_tls
 from .dashboard_ui import EVENTS_PAGE, UI, WEB, sections, setup
 from .params import INT_MAX, ParamError, int_param, text_param
+from .peer import is_tls
 from .sse import Stream
 
 bp = Blueprint("dashboard")
@@ -48,7 +48,7 @@ def _stream_url(view: str, **params: Any) -> str:
 
 # ---- pages ---------------------------------------------------------------------------------------
 @bp.get("/dashboard")
-@auth_web.login_required
+@access.login_required
 async def overview(request: Request) -> HTTPResponse:
     ui = _ui(request)
     events = await ui.recent_events()
@@ -57,7 +57,7 @@ async def overview(request: Request) -> HTTPResponse:
 
 
 @bp.get("/dashboard/agents")
-@auth_web.login_required
+@access.login_required
 async def agents(request: Request) -> HTTPResponse:
     ui = _ui(request)
     q = data.AgentQuery(request.args)
@@ -68,13 +68,13 @@ async def agents(request: Request) -> HTTPResponse:
 
 
 @bp.get("/dashboard/agents.csv", name="agents_csv")
-@auth_web.login_required
+@access.login_required
 async def agents_csv(request: Request) -> HTTPResponse:
     return _export(request, "csv")
 
 
 @bp.get("/dashboard/agents.json", name="agents_json")
-@auth_web.login_required
+@access.login_required
 async def agents_json(request: Request) -> HTTPResponse:
     return _export(request, "json")
 
@@ -92,7 +92,7 @@ def _export(request: Request, fmt: str) -> HTTPResponse:
 
 
 @bp.get("/dashboard/agents/<node:str>")
-@auth_web.login_required
+@access.login_required
 async def agent_detail(request: Request, node: str) -> HTTPResponse:
     ui = _ui(request)
     a = ui.agents.get(node)
@@ -110,7 +110,7 @@ async def agent_detail(request: Request, node: str) -> HTTPResponse:
 
 
 @bp.get("/dashboard/models")
-@auth_web.login_required
+@access.login_required
 async def models(request: Request) -> HTTPResponse:
     ui = _ui(request)
     agents_ = sorted(ui.agents.values(), key=lambda a: a.name.lower())
@@ -120,7 +120,7 @@ async def models(request: Request) -> HTTPResponse:
 
 
 @bp.get("/dashboard/requests")
-@auth_web.login_required
+@access.login_required
 async def requests_page(request: Request) -> HTTPResponse:
     fleet = _ui(request).fleet
     args = {k: (request.args.get(k) or "").strip() for k in ("model", "agent", "endpoint", "status", "period")}
@@ -151,7 +151,7 @@ async def requests_page(request: Request) -> HTTPResponse:
 
 
 @bp.get("/dashboard/requests/<rid:str>")
-@auth_web.login_required
+@access.login_required
 async def request_detail(request: Request, rid: str) -> HTTPResponse:
     fleet = _ui(request).fleet
     await fleet.proxy.flush()
@@ -169,7 +169,7 @@ def _request_row(rid: str) -> dict[str, Any] | None:
 
 
 @bp.get("/dashboard/events")
-@auth_web.login_required
+@access.login_required
 async def events_page(request: Request) -> HTTPResponse:
     ui = _ui(request)
     try:
@@ -195,7 +195,7 @@ def _lenient_int(request: Request, name: str, default: int) -> int:
 
 # ---- live data -----------------------------------------------------------------------------------
 @bp.get("/dashboard/stream")
-@auth_web.login_required
+@access.login_required
 async def stream(request: Request) -> None:
     ui = _ui(request)
     view = request.args.get("view") or "overview"
@@ -203,7 +203,7 @@ async def stream(request: Request) -> None:
 
 
 @bp.get("/dashboard/data/status.json")
-@auth_web.login_required
+@access.login_required
 async def status(request: Request) -> HTTPResponse:
     """Open dashboard streams and hub subscribers: a closed browser tab must leave neither behind."""
     fleet = _ui(request).fleet
@@ -212,7 +212,7 @@ async def status(request: Request) -> HTTPResponse:
 
 
 @bp.get("/dashboard/data/series.json")
-@auth_web.login_required
+@access.login_required
 async def series(request: Request) -> HTTPResponse:
     return json(await _ui(request).series_json())
 
@@ -233,13 +233,14 @@ async def login(request: Request) -> HTTPResponse:
     if not auth_web.admin_token(request):
         return redirect(nxt, status=303)
     if denied := access.throttled(request):
-        return denied
+        return denied.json()
     given = str(form.get("token") or "").strip()
     role = access.token_role(request, given) if given else None
     if role is None:
         access.failed(request, "dashboard login")
         return await page(request, "login.html", "login", status=401, next=nxt,
                           error="That token is not correct.")
+    access.succeeded(request)
     cookie, s = request.app.ctx.sessions.open(role.value, auth_web.role_tokens(request)[role.value])
     await request.app.ctx.fleet.store.write(auth_web.save_session, s)
     resp = redirect(nxt, status=303)

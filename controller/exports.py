@@ -18,11 +18,13 @@ def csv_cell(value: Any) -> Any:
     return value
 
 
-def to_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Rows as CSV (header first; keys outside `columns` ignored), every cell neutralised."""
+def to_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str], header: bool = True) -> str:
+    """Rows as CSV (header first unless `header` is False, for later chunks of a streamed export; keys
+    outside `columns` ignored), every cell neutralised."""
     out = io.StringIO()
     w = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
+    if header:
+        w.writeheader()
     for r in rows:
         w.writerow({k: csv_cell(v) for k, v in r.items()})
     return out.getvalue()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import json as jsonlib
+import logging
 from typing import Any
 
 from sanic import Request, json
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 
-from fleet.sanitize import clean_tree
+from fleet.sanitize import TooDeep, clean_tree, depth, loads_strict
+
+log = logging.getLogger("fleet.controller")
+
 
 def error(status: int, message: str, **extra: Any) -> HTTPResponse:
     """Management API errors use Ollama's own shape: {"error": "..."}."""
@@ -17,8 +20,11 @@ def error(status: int, message: str, **extra: Any) -> HTTPResponse:
 
 
 def bearer(request: Request) -> str:
+    """The Bearer credential; one that is not ASCII (no token or key of ours is) comes back as a value that
+    matches nothing, so it fails (and is throttled) like any wrong credential instead of breaking a compare."""
     header = request.headers.get("authorization", "")
-    return header[7:].strip() if header.lower().startswith("bearer ") else ""
+    value = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    return value if value.isascii() else "\ufffd"
 
 
 MAX_JSON_DEPTH = 64  # nesting levels; LLM bodies (messages, tool schemas) need far fewer
@@ -28,40 +34,20 @@ class JSONError(ValueError):
     """A body that is not acceptable JSON; the message is meant for the client."""
 
 
-def _no_constant(name: str) -> Any:
-    raise JSONError(f"{name} is not valid JSON")
-
-
 def parse_json(raw: bytes | bytearray | str) -> Any:
     """Strict, bounded json.loads: raises JSONError (a ValueError) for invalid JSON, NaN/Infinity,
     integers beyond Python's digit limit and nesting deeper than MAX_JSON_DEPTH. Never RecursionError."""
     try:
-        value = jsonlib.loads(raw, parse_constant=_no_constant)
-    except RecursionError:
+        value = loads_strict(raw)
+    except TooDeep:
         raise JSONError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except JSONError:
-        raise
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the int digit limit
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN, the int digit limit
         raise JSONError(str(e)) from None
     # Cheap bound first: fewer openers than the limit cannot nest deeper than it (the usual case).
     openers = raw.count("[") + raw.count("{") if isinstance(raw, str) else raw.count(b"[") + raw.count(b"{")
-    if openers > MAX_JSON_DEPTH and _depth_exceeds(value, MAX_JSON_DEPTH):
+    if openers > MAX_JSON_DEPTH and depth(value) > MAX_JSON_DEPTH:
         raise JSONError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
-
-
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    """Iterative: a recursive walk is what deep input would break."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
-        if children is None:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
 
 
 def json_body(request: Request, optional: bool = False) -> dict[str, Any] | HTTPResponse:
@@ -83,7 +69,8 @@ def error_response(openai: bool, status: int, message: str, code: str | None = N
     if not openai:
         return json({"error": message}, status=status)
     kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
-            408: "invalid_request_error", 413: "invalid_request_error"}.get(status, "api_error")
+            408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(status,
+                                                                                                  "api_error")
     return json({"error": {"message": message, "type": kind, "param": None, "code": code}},
                          status=status)
 
@@ -94,3 +81,9 @@ def sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
     for k, v in (getattr(exc, "headers", None) or {}).items():
         resp.headers[k] = v
     return resp
+
+
+def unexpected_error(request: Request, exc: Exception) -> HTTPResponse:
+    """A bug, not bad input: logged with its traceback, answered in the API's error shape."""
+    log.error("unhandled error in %s %s", request.method, request.path[:200], exc_info=exc)
+    return error_response(request.path.startswith("/v1/"), 500, "internal error (logged by the controller)")

@@ -93,7 +93,7 @@ class KeyRing:
     @property
     def enabled(self) -> bool:
         """Keys are required: once any key was created, until `fleet keys purge` leaves none."""
-        return self.in_use or bool(self.hashes)
+        return self.in_use
 
     def check(self, bearer: str) -> str | None:
         """The key's name when `bearer` is an active key."""

@@ -21,6 +21,7 @@ from sanic import Request
 from sanic.response import HTTPResponse, empty
 
 from .http import error_response
+from .peer import from_trusted_proxy
 
 CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, X-Stainless-Lang, " \
@@ -36,19 +37,31 @@ def _patterns(origins: tuple[str, ...]) -> re.Pattern[str] | None:
 
 
 def is_loopback_bind(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
+    if host == "localhost":
+        return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
 
+def _split(netloc: str) -> tuple[str, int | None] | None:
+    """(host name, port) of a `Host` value; None when it is malformed (an IPv6 literal left open, a bad port)."""
+    try:
+        parts = urlsplit("//" + netloc)
+        return (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return None
+
+
 def allowed_host(host_header: str) -> bool:
     """Ollama's rule: IP literals, localhost, *.localhost, .local, .internal and this machine's name."""
     if not host_header:
         return True
-    host = urlsplit("//" + host_header).hostname or ""
+    split = _split(host_header)
+    if split is None:
+        return False
+    host = split[0]
     if not host or host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
         return True
     try:
@@ -60,15 +73,16 @@ def allowed_host(host_header: str) -> bool:
 
 
 def _same_origin(origin: str, host_header: str) -> bool:
-    parts = urlsplit(origin)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    default = 443 if parts.scheme == "https" else 80
-    want = urlsplit("//" + host_header)
     try:
-        return (parts.hostname, parts.port or default) == (want.hostname, want.port or default)
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return False
+        default = 443 if parts.scheme == "https" else 80
+        have = (parts.hostname, parts.port or default)
     except ValueError:
         return False
+    want = _split(host_header)
+    return want is not None and have == (want[0], want[1] or default)
 
 
 def origin_allowed(request: Request, origin: str) -> bool:
@@ -84,10 +98,11 @@ def _refuse(request: Request, message: str) -> HTTPResponse:
 
 async def check(request: Request) -> HTTPResponse | None:
     """Request middleware (first in line)."""
-    if request.route is None:  # nothing was routed (a timed-out partial request): the error handler answers
+    if request.route is None:  # unrouted (404/405, a timed-out partial request): the error handler answers
         return None
     cfg = request.app.ctx.fleet.cfg
-    if is_loopback_bind(str(cfg.host)) and not allowed_host(request.headers.get("host", "")):
+    if is_loopback_bind(str(cfg.host)) and not allowed_host(request.headers.get("host", "")) \
+            and not from_trusted_proxy(request):  # a TLS proxy in front forwards the public name
         return _refuse(request, "forbidden: this controller listens on loopback and serves only local host names")
     origin = request.headers.get("origin")
     if origin is None:
@@ -113,4 +128,6 @@ async def decorate(request: Request, response: HTTPResponse) -> None:
 
 def _cors(resp: HTTPResponse, origin: str) -> None:
     resp.headers["access-control-allow-origin"] = origin
-    resp.headers["vary"] = "Origin"
+    vary = resp.headers.get("vary", "")
+    if "origin" not in vary.lower():
+        resp.headers["vary"] = f"{vary}, Origin" if vary else "Origin"

@@ -72,6 +72,11 @@ def is_tls(request: Request) -> bool:
     return False
 
 
+def from_trusted_proxy(request: Request) -> bool:
+    trusted = _trusted_list(request)
+    return bool(trusted) and _trusted(peer_ip(request), trusted)
+
+
 def is_local(request: Request) -> bool:
     """A loopback client speaking to us directly (no forwarding headers): the newcomer on their own machine."""
     ip = _ip(peer_ip(request))

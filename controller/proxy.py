@@ -20,11 +20,11 @@ from typing import Any
 
 from sanic import Request
 from sanic.response import HTTPResponse
-from sanic.response import json as json_response
 
 from fleet.sanitize import clean_text
 from fleet.settings import Config
 
+from . import access
 from .body import TooLarge, read_body
 from .http import bearer, error_response, parse_json
 from .keys import KeyRing
@@ -33,7 +33,6 @@ from .peer import client_ip
 from .registry import AgentRecord, Registry
 from .requestlog import RequestLog, prune_rows, replay_journal, write_rows
 from .router import Decision, NoRoute, Router, normalize_model
-from .throttle import too_many
 from .timeouts import body_timed_out
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -60,8 +59,8 @@ ERROR_TEXT_MAX = 500
 JOURNAL_DIR = "requests.journal"  # under data_dir
 SPOOL_DIR = "spool"  # under data_dir: large request bodies on their way upstream (unlinked files)
 
-_PROMPT_RE = re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)"\s*:\s*(\d+)')
-_COMPLETION_RE = re.compile(rb'"(?:eval_count|completion_tokens|output_tokens)"\s*:\s*(\d+)')
+_PROMPT_RE = re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)"\s*:\s*(\d{1,18})')
+_COMPLETION_RE = re.compile(rb'"(?:eval_count|completion_tokens|output_tokens)"\s*:\s*(\d{1,18})')
 _ERROR_MSG_RE = re.compile(rb'"(?:message|error)"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -242,19 +241,18 @@ class Proxy:
     # ---- auth --------------------------------------------------------------------------------
     def authorize(self, request: Request, openai: bool) -> tuple[str | None, HTTPResponse | None]:
         """(key name, None) when allowed; (None, 401/429 in the API's shape) otherwise. Open only while no
-        key was ever created (keys fail closed); wrong keys are throttled per client and fleet-wide."""
+        key was ever created (keys fail closed); wrong keys are throttled like every credential."""
         if not self.keys.enabled:
             return None, None
-        throttle = request.app.ctx.throttle
-        addr = client_ip(request)
-        if wait := throttle.retry_after(addr):
-            return None, too_many(openai, wait)
         given = bearer(request)
-        name = self.keys.check(given)
-        if name is not None:
-            return name, None
         if given:
-            throttle.failed(addr, "API key")
+            if denied := access.throttled(request):
+                return None, denied.json(openai)
+            name = self.keys.check(given)
+            if name is not None:
+                access.succeeded(request)
+                return name, None
+            access.failed(request, "API key")
         return None, error_response(openai, 401, "unauthorized: a valid API key is required "
                                     "(Authorization: Bearer <key>)", "invalid_api_key" if openai else None)
 

@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover
 
 PAGE_SIZES = (25, 50, 100)
 EXPORT_MAX = 100_000  # rows in one CSV/JSON export
+EXPORT_CHUNK = 2_000  # rows read and sent at a time: an export streams in bounded memory
 
 
 class RequestRecord(Base):
@@ -94,7 +95,7 @@ class Journal:
         self.leftover = sorted(directory.glob("*.jsonl"))  # from a crash: replayed by `replay_journal`
         self._seq = max((int(p.stem) for p in self.leftover if p.stem.isdigit()), default=0)
         self.sealed: list[Path] = []
-        self.keep = False  # rows evicted from the buffer live only here: keep every segment for the next start
+        self.pinned: set[Path] = set()  # segments holding rows evicted from the buffer: kept for the next start
         self.failed = False
         self._fd = -1
         self._rows = 0
@@ -120,19 +121,34 @@ class Journal:
                       self.path, e)
 
     def seal(self) -> int:
-        """Close the current segment (if it has rows); the number of sealed segments not yet committed."""
-        if self._rows and not self.failed:
+        """Close the current segment (if it has rows); the number of sealed segments not yet committed.
+        After a write error, journalling is retried here with a fresh segment."""
+        if self.failed:
+            try:
+                os.close(self._fd)
+                self.path = self._open()
+                self.failed = False
+                log.warning("request log journal: writing again to %s", self.path)
+            except OSError:
+                pass
+        elif self._rows:
             os.close(self._fd)
             self.sealed.append(self.path)
             self.path = self._open()
         return len(self.sealed)
 
+    def pin(self) -> None:
+        """Rows were evicted from the buffer: every segment written so far stays on disk for the next start;
+        segments after this are deleted as usual once committed."""
+        self.pinned.update(self.sealed)
+        self.pinned.add(self.path)
+
     def release(self, count: int) -> None:
         """The rows of the first `count` sealed segments are in the database."""
         done, self.sealed = self.sealed[:count], self.sealed[count:]
-        if self.keep:
-            return
         for p in done:
+            if p in self.pinned:
+                continue
             try:
                 p.unlink()
             except OSError as e:
@@ -143,7 +159,7 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if committed and not self.keep:
+        if committed and self.path not in self.pinned:
             self.path.unlink(missing_ok=True)
 
 
@@ -172,8 +188,10 @@ class RequestLog:
         n = len(self._pending) - MAX_PENDING
         del self._pending[:n]
         self.deferred += n
-        if self.journal is not None and not self.journal.keep:
-            self.journal.keep = True
+        if self.journal is not None:
+            first = not self.journal.pinned
+            self.journal.pin()
+        if self.journal is not None and first:
             log.error("request log: database writes keep failing; rows beyond %d stay in the journal %s "
                       "and are written at the next start", MAX_PENDING, self.journal.dir)
 
@@ -334,15 +352,18 @@ def query_page(filters: Filters, page: int, per_page: int) -> dict[str, Any]:
             "pages": (total + per_page - 1) // per_page}
 
 
-def query_export(filters: Filters) -> list[dict[str, Any]]:
-    q = filters.apply(RequestRecord.select()).order_by(RequestRecord.ts.desc(), RequestRecord.id.desc())
-    rows: list[dict[str, Any]] = list(q.limit(EXPORT_MAX).dicts())
-    for r in rows:
-        r.pop("id", None)
-    return rows
+def query_export(filters: Filters, after: tuple[float, int] | None, limit: int) -> list[dict[str, Any]]:
+    """One chunk of an export, newest first: rows older than the `after` cursor (ts, id), `id` included
+    (the next chunk's cursor). Keyset paging: each chunk costs the same, however deep the export is."""
+    q = filters.apply(RequestRecord.select())
+    if after is not None:
+        ts, rid = after
+        q = q.where((RequestRecord.ts < ts) | ((RequestRecord.ts == ts) & (RequestRecord.id < rid)))
+    q = q.order_by(RequestRecord.ts.desc(), RequestRecord.id.desc()).limit(limit)
+    return list(q.dicts())
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+def to_csv(rows: list[dict[str, Any]], header: bool = True) -> str:
     """Model names, errors and client text come from clients: formula prefixes are neutralised."""
     return safe_csv(({**r, "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r["ts"])) + "Z"} for r in rows),
-                    ["time", *COLUMNS])
+                    ["time", *COLUMNS], header)

@@ -2,7 +2,9 @@
 
 Per client address and fleet-wide, over a sliding window: once either budget is spent, requests that
 present a credential get 429 with `Retry-After` until the window has room again. While throttled the
-credential is not even checked, so a guesser learns nothing from the answer. Failures are logged with
+credential is not even checked, so a guesser learns nothing from the answer. The fleet-wide budget
+does not apply to addresses that authenticated successfully within `GOOD_FOR`: a distributed guesser
+can stop new clients from logging in for a while, but not lock out the clients already at work. Failures are logged with
 the address and what was tried against, never the secret itself.
 """
 
@@ -12,14 +14,13 @@ import logging
 import time
 from collections import deque
 
-from sanic.response import HTTPResponse, json
-
 log = logging.getLogger("fleet.auth")
 
 WINDOW = 60.0  # seconds
 PER_ADDRESS = 10  # failed checks per address per window
 GLOBAL = 100  # failed checks from all addresses per window (a distributed guesser)
 MAX_ADDRESSES = 10_000  # addresses tracked; the oldest are forgotten first (bounded memory)
+GOOD_FOR = 3600.0  # seconds an address that authenticated stays exempt from the fleet-wide budget
 
 
 class Throttle:
@@ -27,6 +28,7 @@ class Throttle:
         self.window, self.per_address, self.global_ = window, per_address, global_
         self._by_addr: dict[str, deque[float]] = {}
         self._all: deque[float] = deque()
+        self._good: dict[str, float] = {}  # address -> last successful authentication (monotonic)
         self.failures = 0
         self.refused = 0
 
@@ -39,7 +41,7 @@ class Throttle:
         now = time.monotonic() if now is None else now
         self._trim(self._all, now)
         wait = 0.0
-        if len(self._all) >= self.global_:
+        if len(self._all) >= self.global_ and now - self._good.get(addr, -GOOD_FOR) >= GOOD_FOR:
             wait = self._all[len(self._all) - self.global_] + self.window - now
         q = self._by_addr.get(addr)
         if q is not None:
@@ -68,10 +70,9 @@ class Throttle:
             log.warning("auth: wrong %s from %s (%d in the last %.0f s%s)", what, addr, len(q), self.window,
                         "; throttled" if len(q) >= self.per_address else "")
 
-
-def too_many(openai: bool, wait: int) -> HTTPResponse:
-    """429 with Retry-After, in the API's error shape (Ollama's or OpenAI's)."""
-    msg = f"too many failed authentication attempts: retry in {wait} s"
-    body = ({"error": {"message": msg, "type": "rate_limit_error", "param": None, "code": "rate_limited"}}
-            if openai else {"error": msg})
-    return json(body, status=429, headers={"retry-after": str(wait)})
+    def succeeded(self, addr: str, now: float | None = None) -> None:
+        """`addr` presented a valid credential: exempt from the fleet-wide budget for a while."""
+        self._good.pop(addr, None)
+        self._good[addr] = time.monotonic() if now is None else now
+        if len(self._good) > MAX_ADDRESSES:
+            del self._good[next(iter(self._good))]

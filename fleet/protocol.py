@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .sanitize import clean_tree
+from .sanitize import clean_tree, depth, loads_strict
 
 PROTO = 1  # payload "v"; the topic's /v1 is the major version
 PROTO_RANGE = (1, 1)
@@ -128,11 +128,9 @@ def decode(raw: bytes | bytearray | memoryview | str, max_bytes: int) -> dict[st
         raise ProtocolError("oversized", f"{len(data)} bytes")
     text = data.decode("utf-8", "replace")
     try:
-        doc = json.loads(text, parse_constant=_no_constant)
-    except ValueError as e:  # JSONDecodeError, and ints longer than Python's digit limit
+        doc = loads_strict(text)
+    except ValueError as e:  # bad JSON, NaN, too deep for the parser, ints beyond Python's digit limit
         raise ProtocolError("bad_json", str(e)[:80]) from None
-    except RecursionError:  # json.loads recurses once per nesting level
-        raise ProtocolError("bad_json", "nested too deeply") from None
     if not isinstance(doc, dict):
         raise ProtocolError("bad_payload", "not a JSON object")
     # A string can only hold a surrogate or NUL through a \u escape, and can only be too long in a long
@@ -147,27 +145,6 @@ def decode(raw: bytes | bytearray | memoryview | str, max_bytes: int) -> dict[st
     if not PROTO_RANGE[0] <= v <= PROTO_RANGE[1]:
         raise ProtocolError("unsupported_version", f"v={v}")
     return doc
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity unless told otherwise
-
-
-def depth(value: Any) -> int:
-    """Nesting depth of a decoded JSON value (a scalar is 0), computed without recursion."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        node, level = stack.pop()
-        if isinstance(node, dict):
-            children: Any = node.values()
-        elif isinstance(node, list):
-            children = node
-        else:
-            continue
-        deepest = max(deepest, level)
-        stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
-    return deepest
 
 
 def _require(doc: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:

@@ -8,6 +8,7 @@ rest of the value readable; nothing raises.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -63,3 +64,37 @@ def clean_tree(value: Any, limit: int | None = None) -> Any:
             out = clean_text(src, limit) if isinstance(src, str) else src
         parent[key] = out
     return root[0]
+
+
+class TooDeep(ValueError):
+    """JSON nested deeper than the parser (or a caller's limit) allows."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")  # json.loads accepts NaN/Infinity unless told otherwise
+
+
+def loads_strict(raw: bytes | bytearray | str) -> Any:
+    """json.loads for untrusted input: no NaN/Infinity; nesting too deep for the parser raises TooDeep
+    (a ValueError) instead of RecursionError. Every failure is a ValueError."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise TooDeep("JSON nested too deeply") from None
+
+
+def depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value (a scalar is 0), computed without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest

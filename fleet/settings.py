@@ -24,8 +24,13 @@ class Setting:
     default: Any
     help: str
     scopes: frozenset[str] = BOTH
-    secret: bool = False
+    secret: bool = False  # redacted in `fleet settings`; a plain secret has no flag (argv is readable by others)
     choices: tuple[str, ...] | None = None
+
+    @property
+    def has_flag(self) -> bool:
+        """Secrets never travel in argv: only URL settings keep a flag, and refuse a password in it."""
+        return not self.secret or self.type is str and self.name.endswith("_url")
 
     @property
     def env(self) -> str:
@@ -214,6 +219,12 @@ def coerce(setting: Setting, raw: Any) -> Any:
     return value
 
 
+def _has_password(url: str) -> bool:
+    """`scheme://user:password@host`: userinfo with a colon."""
+    userinfo = url.partition("://")[2].split("/", 1)[0].rpartition("@")[0]
+    return ":" in userinfo
+
+
 def settings_for(scopes: Iterable[str]) -> list[Setting]:
     wanted = set(scopes)
     return [s for s in SETTINGS if s.scopes & wanted]
@@ -222,7 +233,13 @@ def settings_for(scopes: Iterable[str]) -> list[Setting]:
 def add_arguments(parser: argparse.ArgumentParser, scopes: Iterable[str]) -> None:
     """Every setting of these scopes as a flag; defaults stay None so we can tell 'not given'."""
     parser.add_argument("--config", metavar="FILE", help="TOML config file (flat keys, or [controller]/[agent] tables).")
+    hidden = [s for s in settings_for(scopes) if not s.has_flag]
+    if hidden:
+        parser.epilog = ((parser.epilog or "") + " Secrets, set in the environment or the config file only (never in "
+                         "argv): " + "; ".join(f"{s.env} ({s.name}): {s.help}" for s in hidden)).strip()
     for s in settings_for(scopes):
+        if not s.has_flag:
+            continue
         help_ = f"{s.help} [env {s.env}; default {s.default!r}]"
         if s.type is bool:
             parser.add_argument(s.flag, dest=s.name, default=None, action=argparse.BooleanOptionalAction, help=help_)
@@ -238,7 +255,8 @@ def load(
 ) -> Config:
     scopes = list(scopes)
     env = os.environ if env is None else env
-    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    from_argv = isinstance(args, argparse.Namespace)  # code may pass secrets in a mapping; argv may not
+    given = vars(args) if from_argv else dict(args or {})
     config_file = config_file or given.get("config") or env.get("FLEET_CONFIG")
     file_values: dict[str, Any] = {}
     if config_file:
@@ -264,6 +282,9 @@ def load(
         if s.env in env:
             value, source = coerce(s, env[s.env]), "env"
         if given.get(s.name) is not None:
+            if from_argv and s.secret and _has_password(str(given[s.name])):
+                raise ConfigError(f"{s.flag}: a password in a command-line flag is visible to every local user; "
+                                  f"set {s.env} or a config file instead")
             value, source = coerce(s, given[s.name]), "flag"
         values[s.name], sources[s.name] = value, source
     return Config(values, sources)
@@ -275,5 +296,6 @@ def markdown_table(scopes: Iterable[str] = BOTH) -> str:
     for s in settings_for(scopes):
         default = "" if s.default in ("", None, []) else f"`{s.default}`"
         used = ", ".join(sorted(s.scopes))
-        rows.append(f"| `{s.name}` | `{s.flag}` | `{s.env}` | {default} | {used} | {s.help} |")
+        flag = f"`{s.flag}`" if s.has_flag else "(env or file only)"
+        rows.append(f"| `{s.name}` | {flag} | `{s.env}` | {default} | {used} | {s.help} |")
     return "\n".join(rows)

@@ -156,6 +156,59 @@ def test_wrong_logins_throttled_and_global_budget(fleet):
     assert r.status_code == 429 and r.headers["retry-after"]
 
 
+def test_global_budget_spares_clients_already_at_work(fleet):
+    """A distributed guesser cannot lock out clients that authenticated before it started."""
+    c = fleet.controller(fleet_admin_token=ADMIN, fleet_trusted_proxies="127.0.0.1")
+    worker = {"x-forwarded-for": "10.8.0.1", "authorization": f"Bearer {ADMIN}"}
+    assert c.http.get("/api/agents", headers=worker).status_code == 200
+    for i in range(100):
+        c.http.get("/api/agents", headers={"x-forwarded-for": f"10.9.0.{i + 1}", "authorization": "Bearer wrong"})
+    newcomer = {"x-forwarded-for": "10.7.0.1", "authorization": f"Bearer {ADMIN}"}
+    assert c.http.get("/api/agents", headers=newcomer).status_code == 429
+    assert c.http.get("/api/agents", headers=worker).status_code == 200
+
+
+def test_rebinding_cannot_borrow_the_loopback_newcomer_rule_on_a_lan_bind(fleet):
+    """Bound to 0.0.0.0 without a token: a rebinding page arrives from a loopback peer, but with its own
+    host name, so it is not the local newcomer."""
+    c = fleet.controller(fleet_host="0.0.0.0")
+    port = c.port
+    for path in ("/api/agents", "/api/requests"):
+        r = c.http.get(path, headers={"host": f"evil.example:{port}", "origin": f"http://evil.example:{port}"})
+        assert r.status_code == 403, path
+    r = c.http.post("/api/copy", content=b'{"source":"a","destination":"b"}',
+                    headers={"host": f"evil.example:{port}", "origin": f"http://evil.example:{port}",
+                             "content-type": "text/plain"})
+    assert r.status_code == 403
+    assert c.http.get("/api/agents").status_code == 200  # the real local user
+
+
+def test_malformed_credentials_origins_and_hosts_are_4xx(fleet):
+    c = fleet.controller(fleet_admin_token=ADMIN)
+    for headers in ({"authorization": b"Bearer \xff\xfe"}, {"cookie": b"fleet_session=\xff"},
+                    {"authorization": "Bearer " + "x" * 5000}):
+        r = c.http.get("/api/agents", headers=headers)
+        assert r.status_code == 401, (headers, r.status_code, r.text[:200])
+    for headers in ({"origin": "http://["}, {"origin": "http://a:99999"}, {"host": "["}, {"host": "a:notaport"},
+                    {"origin": "\u00e9".encode("latin-1")}):
+        r = c.http.get("/api/version", headers=headers)
+        assert r.status_code == 403, (headers, r.status_code)
+    assert "Traceback" not in c.log()
+
+
+def test_a_trusted_tls_proxy_may_forward_the_public_name(fleet):
+    """The docs' nginx setup: loopback bind, `Host $host`, the proxy listed in trusted_proxies."""
+    c = fleet.controller(fleet_admin_token=ADMIN, fleet_trusted_proxies="127.0.0.1")
+    public = {"host": "fleet.example.com", "x-forwarded-proto": "https", "x-forwarded-for": "198.51.100.20"}
+    r = c.http.post("/dashboard/login", data={"token": ADMIN}, headers={**public, "origin": "https://fleet.example.com"})
+    assert r.status_code == 303 and "secure" in r.headers["set-cookie"].lower()
+    r = c.http.get("/api/agents", headers={**public, "authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200
+    # a page elsewhere is still refused through the proxy
+    r = c.http.post("/dashboard/login", data={"token": ADMIN}, headers={**public, "origin": "https://evil.example"})
+    assert r.status_code == 403
+
+
 def test_wrong_api_keys_are_throttled(fleet):
     from tests.proxy_support import chat_body, fleet_cli
 
