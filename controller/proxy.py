@@ -364,7 +364,9 @@ class Proxy:
 
     def _reject(self, rec: dict[str, Any], ep: Endpoint, status: int, message: str) -> HTTPResponse:
         rec["error"] = message[:ERROR_TEXT_MAX]
-        return ep.error(status, message)
+        resp = ep.error(status, message)
+        resp.headers["x-fleet-request-id"] = rec["rid"]  # refused requests are logged too: let clients find them
+        return resp
 
     def _decorate(self, headers: Any, request: Request, rec: dict[str, Any], decision: Decision,
                   failures: list[str]) -> None:

@@ -26,14 +26,18 @@ def test_every_request_is_recorded_with_its_figures(fleet):
     r = c.http.post("/v1/chat/completions", json=chat_body(stream=True, stream_options={"include_usage": True}))
     assert r.status_code == 200
     assert c.http.post("/api/embed", json={"model": "all-minilm", "input": ["x y", "z"]}).status_code == 200
-    assert c.http.post("/api/chat", json=chat_body("nope")).status_code == 404
-    assert c.http.post("/v1/completions", content=b"{").status_code == 400
+    nope = c.http.post("/api/chat", json=chat_body("nope"))
+    assert nope.status_code == 404
+    broken = c.http.post("/v1/completions", content=b"{")
+    assert broken.status_code == 400
     page = _log(c)
     assert page["total"] == 6 and page["page"] == 1 and page["per_page"] == 25 and page["pages"] == 1
     rows = page["requests"]
     assert [x["endpoint"] for x in rows] == ["/v1/completions", "/api/chat", "/api/embed",
                                             "/v1/chat/completions", "/api/generate", "/api/chat"]
     bad, missing, embed, oai, gen, chat = rows
+    # refused requests name their log row too
+    assert (bad["rid"], missing["rid"]) == (broken.headers["x-fleet-request-id"], nope.headers["x-fleet-request-id"])
     assert chat["model"] == "llama3.2:latest" and chat["agent"] == "log-a" and chat["status"] == 200
     assert chat["stream"] is False and chat["attempts"] == 1 and chat["client"] == "127.0.0.1"
     assert (chat["prompt_tokens"], chat["completion_tokens"]) == (1, 5)
