@@ -234,9 +234,9 @@ def test_ollama_dies_with_a_sigkilled_agent_process(tmp_path: Path, mosquitto: M
         cfg = agent_cfg(tmp_path, rs)
         node = cfg.node_id
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-        env.update(PYTHONPATH=str(ROOT), NO_PROXY="*")
+        env.update(PYTHONPATH=str(ROOT), NO_PROXY="*",  # the password in the environment, never argv
+                   FLEET_MQTT_URL=f"mqtt://{node}:{mosquitto.add_user(node)}@127.0.0.1:{mosquitto.port}")
         args = [sys.executable, "-m", "fleet.cli", "agent", "--install-ollama",
-                "--mqtt-url", f"mqtt://{node}:{mosquitto.add_user(node)}@127.0.0.1:{mosquitto.port}",
                 "--node-id", node, "--ollama-url", cfg.ollama_url, "--ollama-version", VERSION,
                 "--ollama-download-url", rs.url_template(), "--ollama-checksum-url", rs.checksum_template(),
                 "--ollama-install-dir", str(tmp_path / "ollama"), "--data-dir", str(tmp_path / "data"),

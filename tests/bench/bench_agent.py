@@ -62,8 +62,8 @@ def main() -> int:
     node = "bench-agent"
     ollama_url = f"http://127.0.0.1:{free_loopback_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
-    env.update(PYTHONPATH=str(ROOT), NO_PROXY="*")
-    cmd = [sys.executable, "-m", "fleet.cli", "agent", "--install-ollama", "--mqtt-url", broker.url(),
+    env.update(PYTHONPATH=str(ROOT), NO_PROXY="*", FLEET_MQTT_URL=broker.url())  # secrets never in argv
+    cmd = [sys.executable, "-m", "fleet.cli", "agent", "--install-ollama",
            "--node-id", node, "--ollama-url", ollama_url, "--ollama-version", VERSION,
            "--ollama-download-url", rs.url_template(), "--ollama-checksum-url", rs.checksum_template(),
            "--ollama-install-dir", str(tmp / "ollama"), "--data-dir", str(tmp / "data"),
