@@ -258,3 +258,20 @@ def test_viewer_token_needs_admin_token(fleet):
         assert "viewer_token needs admin_token" in c.log()
     finally:
         c.close()
+
+
+def test_the_security_doc_states_the_real_limits():
+    """docs/security.md quotes these numbers: keep it honest."""
+    from controller import throttle
+    from controller.auth_web import SESSION_TTL
+    from fleet.settings import BY_NAME
+    from tests.support import ROOT
+
+    doc = " ".join((ROOT / "docs" / "security.md").read_text().split())
+    assert f"After {throttle.PER_ADDRESS} failures from one client address within {throttle.WINDOW:.0f} s" in doc
+    assert f"After {throttle.GLOBAL} failures from all addresses" in doc
+    assert f"in the last {throttle.GOOD_FOR / 3600:.0f} hour" in doc.replace("last hour", "last 1 hour")
+    assert f"end after {SESSION_TTL // 3600} h" in doc
+    assert f"`header_timeout` ({BY_NAME['header_timeout'].default:g} s)" in doc
+    assert f"`body_timeout` ({BY_NAME['body_timeout'].default:g} s)" in doc
+    assert f"`max_body_bytes` ({BY_NAME['max_body_bytes'].default >> 20} MiB" in doc
