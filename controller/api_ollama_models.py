@@ -24,7 +24,7 @@ from fleet.model_names import valid_model_name
 
 from .access import Role, authorize
 from .distribution import DistributionError, Distributor, has_model
-from .http import json_body
+from .http import error, json_body
 from .jobs import JobLedger, JobRec
 from .registry import AgentRecord
 
@@ -43,10 +43,6 @@ def _dist(request: Request) -> Distributor:
 
 def _ledger(request: Request) -> JobLedger:
     return request.app.ctx.fleet.jobs
-
-
-def _err(status: int, message: str) -> HTTPResponse:
-    return json_response({"error": message}, status=status)
 
 
 def _line(obj: dict[str, Any]) -> str:
@@ -72,7 +68,7 @@ def _body(request: Request) -> dict[str, Any] | HTTPResponse:
         return body
     for name in BOOL_FIELDS:
         if body.get(name) is not None and not isinstance(body[name], bool):
-            return _err(400, f"{name} must be true or false")
+            return error(400, f"{name} must be true or false")
     return body
 
 
@@ -92,7 +88,7 @@ def _request(request: Request, *keys: str) -> tuple[dict[str, Any], list[str]] |
         return body
     names = [_name(body, *group.split("|")) for group in keys]
     if any(n is None for n in names):
-        return _err(400, "invalid model name")
+        return error(400, "invalid model name")
     return body, [n for n in names if n is not None]
 
 
@@ -113,11 +109,11 @@ def _chosen(request: Request, model: str) -> list[AgentRecord] | HTTPResponse:
         assert ids is not None
         for node in ids:
             if node not in agents:
-                return _err(404, f"agent '{node}' not found")
+                return error(404, f"agent '{node}' not found")
         pool = [agents[n] for n in dict.fromkeys(ids)]
         down = [a for a in pool if not a.routable]
         if down:
-            return _err(503, f"agent '{down[0].node_id}' is {down[0].status}")
+            return error(503, f"agent '{down[0].node_id}' is {down[0].status}")
     else:
         pool = sorted(agents.values(), key=lambda a: a.node_id)
     return [a for a in pool if a.routable and has_model(a, model)]
@@ -207,16 +203,16 @@ async def pull(request: Request) -> HTTPResponse | None:
     try:
         plan = await dist.distribute(model, target, ids, origin="ollama_api", skip_installed=target != "specific")
     except DistributionError as e:
-        return _err(e.status, e.message)
+        return error(e.status, e.message)
     recs = plan.recs
     if not recs and not any(s["reason"] == "already installed" for s in plan.skipped):
         reasons = "; ".join(f"{s['agent_id']}: {s['reason']}" for s in plan.skipped) or "no agent"
-        return _err(503, f"no agent to pull {model} to ({reasons})")
+        return error(503, f"no agent to pull {model} to ({reasons})")
     headers = {"X-Fleet-Tasks": ",".join(r.task_id for r in recs)}
     if body.get("stream", True) is False:
         await _wait_done(ledger, recs)
         failure = _failures(model, "pull", recs)
-        return _err(_failure_status(recs), failure) if failure else json_response({"status": "success"},
+        return error(_failure_status(recs), failure) if failure else json_response({"status": "success"},
                                                                                  headers=headers)
     resp = await request.respond(content_type=NDJSON, headers=headers)
     await resp.send(_line({"status": "pulling manifest"}))
@@ -253,7 +249,7 @@ async def delete(request: Request) -> HTTPResponse:
     if isinstance(chosen, HTTPResponse):
         return chosen
     if not chosen:
-        return _err(404, f"model '{model}' not found")
+        return error(404, f"model '{model}' not found")
     dist, ledger = _dist(request), _ledger(request)
     plan = await dist.delete(model, [a.node_id for a in chosen], origin="ollama_api")
     away = [a.node_id for a in dist.registry.agents.values() if not a.routable and has_model(a, model)]
@@ -265,7 +261,7 @@ async def delete(request: Request) -> HTTPResponse:
         return json_response({"status": "deleting", "task_ids": [r.task_id for r in plan.recs]}, status=202,
                              headers=headers)
     failure = _failures(model, "delete", plan.recs)
-    return _err(500, failure) if failure else HTTPResponse(status=200, headers=headers)
+    return error(500, failure) if failure else HTTPResponse(status=200, headers=headers)
 
 
 async def _on_agents(request: Request, agents: list[AgentRecord], path: str,
@@ -301,11 +297,11 @@ async def copy(request: Request) -> HTTPResponse:
     if isinstance(chosen, HTTPResponse):
         return chosen
     if not chosen:
-        return _err(404, f'model "{source}" not found')
+        return error(404, f'model "{source}" not found')
     results = await _on_agents(request, chosen, "/api/copy", {"source": source, "destination": dest})
     bad = [(a, s, t) for a, s, t in results if s >= 400]
     if bad:
-        return _err(min(500, bad[0][1]), "copy failed on " + "; ".join(
+        return error(min(500, bad[0][1]), "copy failed on " + "; ".join(
             f"{x.node_id}: {t}" for x, _, t in bad))
     return HTTPResponse(status=200, headers={"X-Fleet-Agents": ",".join(a.node_id for a in chosen)})
 
@@ -320,19 +316,19 @@ async def create(request: Request) -> HTTPResponse | None:
     for field in ("files", "adapters"):  # {file name: blob digest}, as Ollama's CreateRequest has them
         value = body.get(field)
         if value is not None and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
-            return _err(400, f"{field} must be an object of file names to blob digests")
+            return error(400, f"{field} must be an object of file names to blob digests")
     if body.get("files") or body.get("adapters"):
-        return _err(501, "create from uploaded files or adapters is not supported through the fleet controller: "
+        return error(501, "create from uploaded files or adapters is not supported through the fleet controller: "
                          "the blobs would have to reach every agent. Create the model on one agent's Ollama "
                          "directly, or use `from` with a model the agents already have.")
     source = _name(body, "from")
     if source is None:
-        return _err(400, "neither 'from' or 'files' was specified")
+        return error(400, "neither 'from' or 'files' was specified")
     chosen = _chosen(request, source)
     if isinstance(chosen, HTTPResponse):
         return chosen
     if not chosen:
-        return _err(404, f"model '{source}' not found")
+        return error(404, f"model '{source}' not found")
     results = await _on_agents(request, chosen, "/api/create", {**body, "stream": False})
     bad = [f"{a.node_id}: {t or s}" for a, s, t in results if s >= 400]
     failure = f"create of {model} failed on " + "; ".join(bad) if bad else None
@@ -341,7 +337,7 @@ async def create(request: Request) -> HTTPResponse | None:
         # every agent refused the request (4xx): that is the client's error, answered with its status
         refused = sorted({s for _, s, _ in results if s >= 400})
         status = refused[0] if refused and refused[-1] < 500 else 500
-        return _err(status, failure) if failure else json_response({"status": "success"}, headers=headers)
+        return error(status, failure) if failure else json_response({"status": "success"}, headers=headers)
     resp = await request.respond(content_type=NDJSON, headers=headers)
     await resp.send(_line({"status": f"creating {model} from {source} on {len(chosen)} agent(s)"}))
     for a, s, _ in results:
@@ -361,12 +357,12 @@ async def push(request: Request) -> HTTPResponse | None:
     body, (model,) = parsed
     target, ids = _targets(request)
     if target == "specific" and ids and len(ids) > 1:
-        return _err(400, "a push runs on one agent: name one in `agents`")
+        return error(400, "a push runs on one agent: name one in `agents`")
     chosen = _chosen(request, model)
     if isinstance(chosen, HTTPResponse):
         return chosen
     if not chosen:
-        return _err(404, f'model "{model}" not found')
+        return error(404, f'model "{model}" not found')
     agent = chosen[0]
     http = _dist(request).http
     assert http is not None
@@ -375,7 +371,7 @@ async def push(request: Request) -> HTTPResponse | None:
     try:
         upstream = await http.send(req, stream=True)
     except httpx.HTTPError as e:
-        return _err(502, f"agent {agent.node_id}: {e.__class__.__name__}: {e}")
+        return error(502, f"agent {agent.node_id}: {e.__class__.__name__}: {e}")
     try:
         ctype = upstream.headers.get("content-type", "application/json")
         headers = {"X-Fleet-Agent": agent.node_id}
