@@ -81,6 +81,7 @@ class _Conn(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.can_write = asyncio.Event()  # cleared while the transport's write buffer is over its high mark
         self.can_write.set()
+        self.sending = False  # _send_pieces is writing a BodySource
         self._reset()
 
     def _reset(self) -> None:
@@ -116,6 +117,9 @@ class _Conn(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.can_write.set()
+        # the upstream is taking the request: that is activity too, or the wait for the answer after a slow
+        # upload (longer in all than the read timeout, never idle that long) would time out at once
+        self.last_activity = self.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -132,6 +136,8 @@ class _Conn(asyncio.Protocol):
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()  # only meaningful while parsing this message
         self.headers_done = True
+        if self.sending:  # a sender waiting for room stops: the upstream answered before reading it all
+            self.can_write.set()  # (the connection is not reused then, so this flag's lie does not outlive it)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -297,13 +303,20 @@ class UpstreamPool:
         (the connection is then not reused: its request was not sent whole)."""
         assert conn.transport is not None
         conn.transport.write(head)
-        for piece in body.pieces():
-            if not conn.can_write.is_set():
-                await conn.can_write.wait()
-            if conn.closed or conn.error is not None or conn.headers_done:
-                conn.sent_whole = False
-                return
-            conn.transport.write(piece)
+        conn.sending = True
+        try:
+            for piece in body.pieces():
+                if not conn.can_write.is_set():
+                    try:  # bounded: an upstream that stops reading and never answers must not hold this forever
+                        await asyncio.wait_for(conn.can_write.wait(), self.read_timeout)
+                    except TimeoutError:
+                        raise ReadTimeout(f"upstream took no request bytes for {self.read_timeout:g} s") from None
+                if conn.closed or conn.error is not None or conn.headers_done:
+                    conn.sent_whole = False
+                    return
+                conn.transport.write(piece)
+        finally:
+            conn.sending = False
 
     async def _acquire(self, t: _Target) -> tuple[_Conn, bool]:
         idle = self._idle.get(t.key)
