@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import peewee as pw
 from playhouse.db_url import connect
+
+from .migrations import MIGRATIONS, Migration, upgrade
 
 db = pw.DatabaseProxy()
 
@@ -121,15 +124,16 @@ def default_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'fleet.db'}"
 
 
-def init_db(url: str) -> pw.Database:
-    """Connect the proxy to `url` and create missing tables. Safe to call on every start."""
+def init_db(url: str, migrations: Sequence[Migration] = MIGRATIONS) -> pw.Database:
+    """Connect the proxy to `url`, create missing tables and apply missing schema migrations (see
+    controller/migrations.py). Safe to call on every start; SchemaTooNew for a newer database."""
     if url.startswith("sqlite"):
         database = connect(url, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
     else:
         database = connect(url)
     db.initialize(database)
     with database.connection_context():
-        database.create_tables(MODELS, safe=True)
+        upgrade(database, MODELS, migrations)
     return database
 
 

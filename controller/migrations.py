@@ -1,0 +1,146 @@
+"""Numbered schema migrations: the database records its schema version, and init_db applies the missing steps.
+
+Version 1 is the schema of the releases before this module (every table `create_tables` made from the
+registered models); a database with our tables but no `schema_version` table is such a database. Each
+later change to a table is one `Migration` appended to MIGRATIONS, and the model gets the same change.
+
+How a start goes (`upgrade`, in one transaction that holds the schema lock, so two controllers
+starting at once never both apply a step):
+- a fresh database gets every registered table at the models' shape, which already includes every
+  step, and is stamped with the latest version;
+- an older database gets the missing steps in order, then the tables it lacks (a table added since,
+  or one a partial process such as `fleet keys` never created), and its new version;
+- a database newer than this code is refused (SchemaTooNew) before anything is written.
+
+A step is a function of a playhouse.migrate SchemaMigrator (SqliteMigrator or PostgresqlMigrator).
+It works on table and column names, never on models (a model may not be registered in this process),
+and must tolerate a table that does not exist yet: `create_tables` makes it afterwards at the model's
+shape. `add_column` below does both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import peewee as pw
+from playhouse.migrate import SchemaMigrator
+
+log = logging.getLogger("fleet.db")
+
+# How long a second process starting at the same time waits for the first one's migration (SQLite's
+# busy handler; PostgreSQL's advisory lock waits without limit) before it gives up with "locked".
+LOCK_WAIT_MS = 120_000
+# One advisory lock key for the whole schema, the same in every process of every version.
+PG_LOCK_KEY = zlib.crc32(b"ollama-fleet schema")
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was migrated by a newer release than this code."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[SchemaMigrator], None]
+
+
+class SchemaVersion(pw.Model):
+    """One row: the schema version of this database and when it was reached."""
+
+    version = pw.IntegerField()
+    applied_at = pw.DoubleField()  # FloatField is a 4-byte REAL on PostgreSQL: whole minutes lost
+
+    class Meta:
+        table_name = "schema_version"
+
+
+def _baseline(migrator: SchemaMigrator) -> None:
+    """Version 1 needs no work: its tables are what `create_tables` makes from the models."""
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "baseline: the tables of releases before schema versions", _baseline),
+)
+
+
+def add_column(migrator: SchemaMigrator, table: str, column: str, field: pw.Field) -> None:
+    """Add `column` unless the table is absent (created whole later) or already has it (tolerant step)."""
+    database = migrator.database
+    if not database.table_exists(table):
+        return
+    if column in {c.name for c in database.get_columns(table)}:
+        return
+    migrator.add_column(table, column, field).run()
+
+
+def latest(migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    return _checked(migrations)[-1].version
+
+
+def _checked(migrations: Sequence[Migration]) -> Sequence[Migration]:
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise ValueError(f"migrations must be numbered 1, 2, 3, ... in order; got {versions}")
+    return migrations
+
+
+@contextmanager
+def _schema_lock(database: pw.Database) -> Iterator[None]:
+    """A transaction that only one process at a time can be in."""
+    if isinstance(database, pw.SqliteDatabase):
+        # BEGIN IMMEDIATE takes the write lock up front; a second process waits in the busy handler.
+        # init_db's connection is closed afterwards, so the longer wait does not outlive it.
+        database.pragma("busy_timeout", LOCK_WAIT_MS)
+        with database.atomic("IMMEDIATE"):
+            yield
+    elif isinstance(database, pw.PostgresqlDatabase):
+        with database.atomic():
+            database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (PG_LOCK_KEY,))  # freed at COMMIT
+            yield
+    else:  # other Peewee back ends: one transaction, no lock between processes
+        with database.atomic():
+            yield
+
+
+def upgrade(database: pw.Database, models: Sequence[type[pw.Model]],
+            migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Bring `database` to the latest version of `migrations`; return that version."""
+    steps = _checked(migrations)
+    target = steps[-1].version
+    with _schema_lock(database), database.bind_ctx([SchemaVersion]):
+        SchemaVersion.create_table(safe=True)
+        row = SchemaVersion.select().order_by(SchemaVersion.version.desc()).first()
+        if row is not None:
+            current = row.version
+        elif any(database.table_exists(m._meta.table_name) for m in models):
+            current = 1
+            log.info("database made by a release before schema versions: taken as version 1")
+        else:
+            current = 0  # fresh
+        if current > target:
+            raise SchemaTooNew(
+                f"the database schema is version {current}, but this ollama-fleet knows versions up to "
+                f"{target} only: it was upgraded by a newer release. Run that release (or newer), or "
+                f"restore a backup taken before the upgrade.")
+        if current == 0:
+            database.create_tables(list(models), safe=True)
+            log.info("database created at schema version %d", target)
+        else:
+            migrator = SchemaMigrator.from_database(database)
+            for step in steps:
+                if step.version > current:
+                    log.info("schema migration %d: %s", step.version, step.name)
+                    step.apply(migrator)
+            database.create_tables(list(models), safe=True)
+            if current < target:
+                log.info("database schema upgraded from version %d to %d", current, target)
+        if current != target or row is None:
+            SchemaVersion.delete().execute()
+            SchemaVersion.create(version=target, applied_at=time.time())
+    return target
