@@ -35,7 +35,7 @@ class WebSession(Base):
     id_hash = pw.CharField(max_length=64, primary_key=True)
     role = pw.CharField(max_length=16)
     token_fp = pw.CharField(max_length=64)  # which token opened it: a changed token ends the session
-    expires = pw.FloatField()
+    expires = pw.DoubleField()
 
 
 register_models(WebSession)

@@ -52,13 +52,13 @@ class Agent(Base):
     ollama_version = pw.CharField(null=True)
     hostname = pw.CharField(default="")
     agent_version = pw.CharField(null=True)
-    hb_interval = pw.FloatField(default=5.0)
+    hb_interval = pw.DoubleField(default=5.0)
     info = JSONField(default=dict)       # last `info` snapshot (IPs, OS, RAM, disk, ...)
     metrics = JSONField(default=dict)    # last heartbeat figures
     loaded = JSONField(default=list)     # last `running` snapshot (/api/ps)
-    first_seen = pw.FloatField()
-    last_seen = pw.FloatField()
-    online_since = pw.FloatField(null=True)
+    first_seen = pw.DoubleField()
+    last_seen = pw.DoubleField()
+    online_since = pw.DoubleField(null=True)
 
 
 class Gpu(Base):
@@ -80,7 +80,7 @@ class InstalledModel(Base):
     size = pw.BigIntegerField(default=0)
     modified_at = pw.CharField(null=True)
     details = JSONField(default=dict)
-    installed_at = pw.FloatField()  # when the registry first saw it on this agent
+    installed_at = pw.DoubleField()  # when the registry first saw it on this agent
 
     class Meta:
         indexes = ((("node_id", "name"), True),)
@@ -88,10 +88,10 @@ class InstalledModel(Base):
 
 class MetricSample(Base):
     node_id = pw.CharField(max_length=63)
-    ts = pw.FloatField()
-    cpu = pw.FloatField(null=True)
-    mem = pw.FloatField(null=True)
-    gpu_util = pw.FloatField(null=True)
+    ts = pw.DoubleField()
+    cpu = pw.DoubleField(null=True)
+    mem = pw.DoubleField(null=True)
+    gpu_util = pw.DoubleField(null=True)
     gpu_mem_used = pw.BigIntegerField(null=True)
     gpu_mem_total = pw.BigIntegerField(null=True)
 
@@ -101,7 +101,7 @@ class MetricSample(Base):
 
 class Event(Base):
     id = pw.AutoField()
-    ts = pw.FloatField(index=True)
+    ts = pw.DoubleField(index=True)
     node_id = pw.CharField(null=True, max_length=63, index=True)
     kind = pw.CharField(max_length=32)
     level = pw.CharField(default="info", max_length=8)

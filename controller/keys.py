@@ -26,8 +26,8 @@ class ApiKey(Base):
     name = pw.CharField(max_length=64)
     prefix = pw.CharField(max_length=16)
     hash = pw.CharField(max_length=64, unique=True)
-    created = pw.FloatField()
-    revoked = pw.FloatField(null=True)
+    created = pw.DoubleField()
+    revoked = pw.DoubleField(null=True)
 
 
 register_models(ApiKey)

@@ -64,8 +64,37 @@ def _baseline(migrator: SchemaMigrator) -> None:
     """Version 1 needs no work: its tables are what `create_tables` makes from the models."""
 
 
+# Every float column of version 1. Peewee's FloatField is a 4-byte REAL on PostgreSQL: an epoch timestamp
+# kept ~7 significant digits there (1700000123.456 read back as 1700000128). SQLite's REAL is 8 bytes.
+DOUBLE_COLUMNS = {
+    "agent": ("hb_interval", "first_seen", "last_seen", "online_since"),
+    "installedmodel": ("installed_at",),
+    "metricsample": ("ts", "cpu", "mem", "gpu_util"),
+    "event": ("ts",),
+    "job": ("progress", "speed", "eta", "created_at", "dispatched_at", "started_at", "finished_at", "updated_at"),
+    "apikey": ("created", "revoked"),
+    "requestrecord": ("ts", "ttfb_ms", "duration_ms"),
+    "websession": ("expires",),
+}
+
+
+def _double_precision(migrator: SchemaMigrator) -> None:
+    """PostgreSQL: REAL columns become DOUBLE PRECISION (nothing to do on SQLite)."""
+    database = migrator.database
+    if not isinstance(database, pw.PostgresqlDatabase):
+        return
+    for table, columns in DOUBLE_COLUMNS.items():
+        if not database.table_exists(table):
+            continue
+        reals = {c.name for c in database.get_columns(table) if c.data_type.lower() == "real"}
+        for column in columns:
+            if column in reals:
+                database.execute_sql(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE DOUBLE PRECISION')
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline: the tables of releases before schema versions", _baseline),
+    Migration(2, "float columns as double precision on PostgreSQL", _double_precision),
 )
 
 

@@ -44,7 +44,7 @@ EXPORT_CHUNK = 2_000  # rows read and sent at a time: an export streams in bound
 class RequestRecord(Base):
     id = pw.AutoField()
     rid = pw.CharField(max_length=32, unique=True)
-    ts = pw.FloatField(index=True)  # when the request arrived (epoch seconds)
+    ts = pw.DoubleField(index=True)  # when the request arrived (epoch seconds)
     client = pw.CharField(default="", max_length=64)
     key = pw.CharField(null=True, max_length=64)  # API key name, when keys are in use
     endpoint = pw.CharField(max_length=64)
@@ -53,8 +53,8 @@ class RequestRecord(Base):
     agent = pw.CharField(null=True, max_length=63, index=True)
     status = pw.IntegerField(index=True)
     attempts = pw.IntegerField(default=0)
-    ttfb_ms = pw.FloatField(null=True)
-    duration_ms = pw.FloatField()
+    ttfb_ms = pw.DoubleField(null=True)
+    duration_ms = pw.DoubleField()
     prompt_tokens = pw.IntegerField(null=True)
     completion_tokens = pw.IntegerField(null=True)
     error = pw.TextField(null=True)  # the failure, in-band errors included (status stays 200 then)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import subprocess
 import sys
 import uuid
@@ -147,8 +148,16 @@ def snapshot(url: str, columns: dict[str, list[str]] | None = None) -> dict[str,
         for table in RELEASE_ROWS:
             cols = columns[table] if columns else [c.name for c in database.get_columns(table)]
             sql = f'SELECT {", ".join(chr(34) + c + chr(34) for c in cols)} FROM "{table}" ORDER BY 1'
-            out[table] = [tuple(r) for r in database.execute_sql(sql).fetchall()]
+            out[table] = [tuple(_exact(v, url) for v in r) for r in database.execute_sql(sql).fetchall()]
     return out
+
+
+def _exact(value: Any, url: str) -> Any:
+    """PostgreSQL prints a REAL (the release's float columns) as its shortest decimal, not the value it holds;
+    step 2 widens the column to the value held. Compare held values: a float as its 4-byte value there."""
+    if isinstance(value, float) and _dialect(url) == "postgresql":
+        return struct.unpack("f", struct.pack("f", value))[0]
+    return value
 
 
 def release_columns(url: str) -> dict[str, list[str]]:
@@ -361,3 +370,22 @@ def test_processes_starting_together_apply_a_step_once(url: str, tmp_path: Path)
     assert "source" in columns_of(url, "event")
     cols = {t: [c for c in cs if c != "source"] for t, cs in release_columns(url).items()}
     assert snapshot(url, cols) == before
+
+
+def test_timestamps_keep_their_fractions_after_the_upgrade(url: str) -> None:
+    """Step 2: release e20eba6 stored float columns as 4-byte REAL on PostgreSQL (an epoch timestamp lost
+    up to a minute); after the upgrade they are double precision, and a fresh database has them too."""
+    from controller.migrations import DOUBLE_COLUMNS
+
+    make_release_database(url)
+    init_db(url)
+    database = _connect(url)
+    precise = 1700000123.456
+    with database.connection_context():
+        for table, cols in DOUBLE_COLUMNS.items():
+            if _dialect(url) == "postgresql" and database.table_exists(table):
+                kinds = {c.name: c.data_type.lower() for c in database.get_columns(table)}
+                assert all(kinds[c] == "double precision" for c in cols), (table, kinds)
+        database.execute_sql(f"UPDATE event SET ts = {database.param}", (precise,))
+        got = {r[0] for r in database.execute_sql("SELECT ts FROM event").fetchall()}
+    assert got == {precise}
