@@ -46,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from fleet import settings
 
     cfg = settings.load([settings.CONTROLLER], args)
-    database = dbm.init_db(cfg.database_url or dbm.default_url(cfg.data_path))
+    from controller.migrations import SchemaTooNew
+
+    try:
+        database = dbm.init_db(cfg.database_url or dbm.default_url(cfg.data_path))
+    except SchemaTooNew as e:  # a clear sentence, not a traceback
+        print(f"fleet keys: {e}", file=sys.stderr)
+        return 1
     with database.connection_context():
         if args.keys_command == "add":
             key, row = keys.create(args.name)
