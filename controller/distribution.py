@@ -216,8 +216,20 @@ class Distributor:
             plan.reused += p.reused
             plan.skipped += [{**s, "reason": f"{model}: {s['reason']}"} for s in p.skipped]
         self.registry.event("auto_distribute", node, f"{a.name}: {basis} -> {', '.join(models) or 'no model'}"
-                            f" ({len(plan.jobs)} pull(s) started)", models=models, gpu_mem=gpu, ram=ram)
+                            f" ({self._progress(plan)})", models=models, gpu_mem=gpu, ram=ram)
         return {**plan.to_json(), "models": models, "basis": basis}
+
+    @staticmethod
+    def _progress(plan: Plan) -> str:
+        """Say "queued" for a job still held by the ledger (fleet cap, agent slot, agent away): not started."""
+        started = [r for r in plan.jobs if not r.held]
+        queued = [r for r in plan.jobs if r.held]
+        parts = [f"{len(started)} pull(s) started"] if started else []
+        if queued:
+            parts.append(f"{len(queued)} pull(s) queued: {queued[0].phase or 'waiting'}")
+        if plan.reused:
+            parts.append(f"{len(plan.reused)} already under way")
+        return "; ".join(parts) or "nothing to pull"
 
     # ---- events ----------------------------------------------------------------------------
     async def _consume(self) -> None:
@@ -232,6 +244,8 @@ class Distributor:
                         if kind == "registered" and node and self.auto_enabled:
                             self._awaiting.add(node)
                             self._maybe_auto(node)
+                        elif kind == "ollama_up" and node in self._awaiting:
+                            self._maybe_auto(node)
                     elif topic == "agent" and data.get("id") in self._awaiting:
                         self._maybe_auto(data["id"])
                 except Exception:
@@ -240,11 +254,13 @@ class Distributor:
             self.fleet.hub.unsubscribe(q)
 
     def _maybe_auto(self, node: str) -> None:
-        """Decide once the agent's info, gpus and models are in: its first heartbeat follows them."""
+        """Decide once the agent's info, gpus and models are in (its first heartbeat follows them) and its
+        Ollama answers: a pull queued for a machine without a running Ollama would only wait there, and
+        a newcomer's first look would show a multi-GB download "started" that cannot start."""
         a = self.registry.agents.get(node)
         if a is None:
             self._awaiting.discard(node)
-        elif a.info and a.metrics.get("seq") is not None:
+        elif a.info and a.metrics.get("seq") is not None and a.ollama_up:
             self._awaiting.discard(node)
             asyncio.get_running_loop().create_task(self._auto_quietly(node))
 

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cfg = settings.load([CONTROLLER, AGENT])
                 for k, v in cfg.as_dict().items():
+                    if k == "data_dir":  # the path actually used, not the empty "use the default"
+                        v = str(cfg.data_path)
                     print(f"{k} = {v!r}  ({cfg.source(k)})")
             return 0
         if args.command == "broker":

@@ -66,7 +66,7 @@
 
     function draw(data) {
       const points = data[0].length > 0 && hasPoints(data);
-      empty.textContent = points ? "" : "No data for the last hour yet.";
+      empty.textContent = points ? "" : (el.dataset.empty || "No data for the last hour yet.");
       empty.hidden = points;
       if (plot) { plot.setData(data); return; }
       if (!points) return;
