@@ -75,6 +75,9 @@ class Ingest:
                 # the broker replaces this id by the account's name (use_username_as_clientid, broker/)
                 kwargs = fmqtt.client_kwargs(self.cfg, f"fleet-controller-{self.instance[:12]}", will)
                 async with aiomqtt.Client(**kwargs) as client:
+                    # the fast path first: retained snapshots that follow the SUBACK must not wait in
+                    # aiomqtt's queue while newer messages overtake them on the fast path
+                    fmqtt.direct_dispatch(client, self.handle)
                     await client.subscribe(self.topics.nodes_wildcard, qos=1)
                     await client.subscribe(self.topics.controller_cmd_wildcard, qos=1)
                     # announce after subscribing: agents answer with births we must not miss
@@ -82,7 +85,6 @@ class Ingest:
                     self.client, attempt = client, 0
                     self.connected.set()
                     log.info("ingest connected to %r", fmqtt.BrokerAddress.from_config(self.cfg))
-                    fmqtt.direct_dispatch(client, self.handle)
                     async for message in client.messages:  # only raises on disconnect now
                         self.handle(str(message.topic), message.payload)
             except aiomqtt.MqttError as e:
