@@ -7,8 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import httpx
 
@@ -213,3 +215,28 @@ def docker_engine() -> bool:
             client.close()
     except Exception:
         return False
+
+
+PG_DSN = os.environ.get("FLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+
+
+@contextmanager
+def fresh_postgres_db(prefix: str = "fleet_test") -> Iterator[str]:
+    """A new, empty database on the local PostgreSQL (skips the test when there is none), dropped after."""
+    import pytest
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(PG_DSN + "/postgres", connect_timeout=3)
+    except psycopg2.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at {PG_DSN}: {e}")
+    admin.autocommit = True
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_DSN}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -11,7 +11,6 @@ import os
 import struct
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,8 @@ from controller.migrations import MIGRATIONS, Migration, SchemaTooNew, add_colum
 from controller.requestlog import RequestRecord
 from controller.store import load_registry
 from tests.proxy_support import fleet_cli
-from tests.support import ROOT
+from tests.support import ROOT, fresh_postgres_db
 
-PG_DSN = os.environ.get("FLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
 DATA = Path(__file__).parent / "data"
 RELEASE = "e20eba6"  # the last release without schema versions; its DDL is in tests/data/
 RACERS = 4
@@ -97,21 +95,8 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fleet.db'}"
         return
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(PG_DSN + "/postgres", connect_timeout=3)
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {PG_DSN}: {e}")
-    admin.autocommit = True
-    name = f"fleet_migrate_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_DSN}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_postgres_db("fleet_migrate") as pg:
+        yield pg
 
 
 def _connect(url: str) -> pw.Database:

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from typing import Iterator
 
 import pytest
 
-PG_DSN = os.environ.get("FLEET_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+from tests.support import fresh_postgres_db
 
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(PG_DSN + "/postgres", connect_timeout=3)
-    except psycopg2.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {PG_DSN}: {e}")
-    admin.autocommit = True
-    name = f"fleet_test_{uuid.uuid4().hex[:10]}"
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{PG_DSN}/{name}"
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with fresh_postgres_db() as url:
+        yield url
 
 
 def test_registry_on_postgres_survives_restart(pg_url, fleet):  # fleet torn down first: then the DB
