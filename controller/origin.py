@@ -36,6 +36,7 @@ def _patterns(origins: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("^(?:" + "|".join(parts) + ")$") if parts else None
 
 
+@lru_cache(maxsize=8)
 def is_loopback_bind(host: str) -> bool:
     if host == "localhost":
         return True
@@ -54,6 +55,7 @@ def _split(netloc: str) -> tuple[str, int | None] | None:
         return None
 
 
+@lru_cache(maxsize=256)  # checked on every request, the proxy's included: parse each Host value once
 def allowed_host(host_header: str) -> bool:
     """Ollama's rule: IP literals, localhost, *.localhost, .local, .internal and this machine's name."""
     if not host_header:
@@ -69,7 +71,12 @@ def allowed_host(host_header: str) -> bool:
         return True
     except ValueError:
         pass
-    return host == socket.gethostname().lower()
+    return host == _hostname()
+
+
+@lru_cache(maxsize=1)
+def _hostname() -> str:
+    return socket.gethostname().lower()
 
 
 def _same_origin(origin: str, host_header: str) -> bool:

@@ -212,6 +212,17 @@ def ok(body: bytes, *extra: str, status: str = "200 OK", version: str = "HTTP/1.
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
+def answer_once(answer: bytes) -> Callable[[Peer], Awaitable[None]]:
+    """A server handler: read one request, send `answer` as is, wait for the client to hang up."""
+
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(answer)
+        await peer.until_gone()
+
+    return handler
+
+
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n" % len(data) + data + b"\r\n"
 
@@ -336,12 +347,7 @@ async def test_a_kept_alive_connection_is_reused(pool, serve):
     ok(b"{}", version="HTTP/1.0"),
 ], ids=["connection-close", "http-1.0"])
 async def test_an_answer_that_ends_the_connection_is_not_reused(pool, serve, answer):
-    async def handler(peer: Peer) -> None:
-        await peer.request()
-        await peer.send(answer)
-        await peer.until_gone()
-
-    server = await serve(handler)
+    server = await serve(answer_once(answer))
     for _ in range(2):
         assert await fetch(pool, server.url) == (200, b"{}")
     assert pool.opened == 2 and len(server.peers) == 2
@@ -744,12 +750,7 @@ async def test_an_answer_before_the_upload_ended_stops_the_upload(pool, serve):
     CHUNKED_HEAD + b"5\r\nhelloXX0\r\n\r\n",
 ], ids=["garbage", "status", "content-length", "header", "chunk-size", "chunk-end"])
 async def test_a_malformed_answer_is_a_protocol_error_and_the_connection_is_dropped(pool, serve, answer):
-    async def handler(peer: Peer) -> None:
-        await peer.request()
-        await peer.send(answer)
-        await peer.until_gone()
-
-    server = await serve(handler)
+    server = await serve(answer_once(answer))
     with pytest.raises(ProtocolError, match="malformed"):
         resp = await post(pool, server.url)  # a bad head fails here, a bad body while it is read
         try:
