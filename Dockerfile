@@ -3,7 +3,7 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
-COPY fleet fleet
+COPY ollama_fleet ollama_fleet
 COPY agent agent
 COPY controller controller
 COPY broker broker

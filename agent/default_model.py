@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 
-from fleet.model_tiers import largest_gpu_memory, load_tiers
-from fleet.settings import Config
+from ollama_fleet.model_tiers import largest_gpu_memory, load_tiers
+from ollama_fleet.settings import Config
 
-from .progress import JobStatus, Meter
+from ollama_fleet.agent.progress import JobStatus, Meter
 
 log = logging.getLogger("fleet.agent.default_model")
 

@@ -36,11 +36,11 @@ from typing import IO, Any
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from fleet import __version__
-from fleet.log import redact_url
-from fleet.settings import Config
+from ollama_fleet import __version__
+from ollama_fleet.log import redact_url
+from ollama_fleet.settings import Config
 
-from .progress import Meter
+from ollama_fleet.agent.progress import Meter
 
 log = logging.getLogger("fleet.agent.install")
 

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 import httpx
 
-from fleet.model_names import normalize, valid_model_name
-from fleet.protocol import JOB_ID_RE, PROTO, PROTO_RANGE
+from ollama_fleet.contract.model_names import normalize, valid_model_name
+from ollama_fleet.contract.protocol import JOB_ID_RE, PROTO, PROTO_RANGE
 
-from . import collect
-from .progress import human_bytes
+from ollama_fleet.agent import collect
+from ollama_fleet.agent.progress import human_bytes
 
 if TYPE_CHECKING:
-    from .service import Agent
+    from ollama_fleet.agent.service import Agent
 
 log = logging.getLogger("fleet.agent.jobs")
 

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from fleet.protocol import PROTO
-from fleet.settings import Config
+from ollama_fleet.contract.protocol import PROTO
+from ollama_fleet.settings import Config
 
-from . import supervisor as sup
-from .install import (
+from ollama_fleet.agent import supervisor as sup
+from ollama_fleet.agent.install import (
     InstallError,
     Reporter,
     install,
@@ -31,10 +31,10 @@ from .install import (
     path_binary,
     release_from_config,
 )
-from .progress import ConsoleProgress, JobStatus, Meter
+from ollama_fleet.agent.progress import ConsoleProgress, JobStatus, Meter
 
 if TYPE_CHECKING:
-    from .service import Agent
+    from ollama_fleet.agent.service import Agent
 
 log = logging.getLogger("fleet.agent.ollama")
 
@@ -311,7 +311,7 @@ class OllamaManager:
             return
 
         async def run() -> None:
-            from .default_model import ensure_default_model
+            from ollama_fleet.agent.default_model import ensure_default_model
 
             try:
                 import psutil

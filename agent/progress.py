@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from fleet.protocol import PROTO
+from ollama_fleet.contract.protocol import PROTO
 
 log = logging.getLogger("fleet.agent.progress")
 

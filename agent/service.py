@@ -18,16 +18,16 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from fleet import __version__
-from fleet import mqtt as fmqtt
-from fleet.protocol import NODE_ID_RE, NODE_TOPICS, PROTO, PROTO_RANGE, ProtocolError, Topics, encode, new_session, state_payload
-from fleet.settings import Config, ConfigError
+from ollama_fleet import __version__
+from ollama_fleet import mqtt as fmqtt
+from ollama_fleet.contract.protocol import NODE_ID_RE, NODE_TOPICS, PROTO, PROTO_RANGE, ProtocolError, Topics, encode, new_session, state_payload
+from ollama_fleet.settings import Config, ConfigError
 
-from . import collect
-from .gpu import Gpus
-from .jobs import JOB_VERBS, JobRunner
-from .manager import OllamaManager
-from .ollama import OllamaClient, OllamaStatus
+from ollama_fleet.agent import collect
+from ollama_fleet.agent.gpu import Gpus
+from ollama_fleet.agent.jobs import JOB_VERBS, JobRunner
+from ollama_fleet.agent.manager import OllamaManager
+from ollama_fleet.agent.ollama import OllamaClient, OllamaStatus
 
 log = logging.getLogger("fleet.agent")
 

@@ -14,10 +14,11 @@ import re
 import shlex
 import shutil
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 UNIT_NAME = "ollama-fleet-agent.service"
-TEMPLATE = Path(__file__).with_name("systemd") / UNIT_NAME
+TEMPLATE = Path(str(files(__package__ or "") / "systemd" / UNIT_NAME))
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 DEFAULT_ENV_FILE = "/etc/ollama-fleet/agent.env"
 DEFAULT_USER = "ollama-fleet"

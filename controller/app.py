@@ -14,19 +14,21 @@ from sanic import Sanic
 from sanic.exceptions import SanicException
 from sanic_ext import Extend
 
-from fleet import __version__
-from fleet.settings import Config, ConfigError
+from ollama_fleet import __version__
+from ollama_fleet.settings import Config, ConfigError
 
-from . import access, origin, peer
-from . import db as dbm
-from .auth_web import Sessions, load_sessions
-from .http import sanic_error, unexpected_error
-from .hub import Hub
-from .ingest import Ingest
-from .proxy import Proxy
-from .registry import Registry
-from .store import Store, load_registry, prune, transient
-from .throttle import Throttle
+from ollama_fleet.controller.edge import access
+from ollama_fleet.controller.edge import origin
+from ollama_fleet.controller.edge import peer
+from ollama_fleet.controller import db as dbm
+from ollama_fleet.controller.dashboard.login import Sessions, load_sessions
+from ollama_fleet.controller.edge.http import sanic_error, unexpected_error
+from ollama_fleet.controller.hub import Hub
+from ollama_fleet.controller.registry.ingest import Ingest
+from ollama_fleet.controller.proxy.forward import Proxy
+from ollama_fleet.controller.registry.live import Registry
+from ollama_fleet.controller.registry.store import Store, load_registry, prune, transient
+from ollama_fleet.controller.edge.throttle import Throttle
 
 log = logging.getLogger("fleet.controller")
 
@@ -54,7 +56,7 @@ class Fleet:
     async def start(self, with_local_agent: bool = False) -> None:
         cfg = self.cfg
         if not cfg.mqtt_url:
-            from broker.local import start_trial_broker
+            from ollama_fleet.broker.local import start_trial_broker
 
             # the standard port when free, so more local agents can find it
             port = TRIAL_PORT if _port_free(TRIAL_PORT) else 0
@@ -74,7 +76,7 @@ class Fleet:
             asyncio.create_task(self._pruner(), name="fleet-prune"),
         ]
         if with_local_agent:
-            from agent.service import Agent
+            from ollama_fleet.agent.service import Agent
 
             self.local_agent = Agent(cfg)
             self._tasks.append(asyncio.create_task(self.local_agent.run(), name="fleet-local-agent"))
@@ -221,7 +223,10 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     app.error_handler.add(SanicException, sanic_error)
     app.error_handler.add(Exception, unexpected_error)
 
-    from . import api_agents, api_proxy, api_requests, api_unsupported
+    from ollama_fleet.controller.api import agents as api_agents
+    from ollama_fleet.controller.proxy import routes as api_proxy
+    from ollama_fleet.controller.api import requests as api_requests
+    from ollama_fleet.controller.proxy import unsupported as api_unsupported
 
     app.blueprint(api_agents.bp)
     app.blueprint(api_proxy.bp)
@@ -242,10 +247,10 @@ def create_app(cfg: Config, with_local_agent: bool = False, name: str = "fleet")
     async def _close(app: Sanic) -> None:
         await fleet.close()
 
-    from . import distribution
+    from ollama_fleet.controller.jobs import distribution
 
     distribution.install(app)  # jobs, distribution, /api/models, /api/tasks, Ollama /api/pull etc.; after _start
-    from . import dashboard
+    from ollama_fleet.controller.dashboard import pages as dashboard
 
     dashboard.install(app)  # /dashboard: pages, SSE stream, login; its stop hook ends open streams first
     return app

@@ -11,7 +11,7 @@ from typing import Any
 import peewee as pw
 from playhouse.db_url import connect
 
-from .migrations import MIGRATIONS, Migration, upgrade
+from ollama_fleet.controller.migrations import MIGRATIONS, Migration, upgrade
 
 db = pw.DatabaseProxy()
 

@@ -156,7 +156,7 @@ class SimAgent:
 
         import paho.mqtt.client as mqtt
 
-        from fleet.protocol import Topics, encode, state_payload
+        from ollama_fleet.contract.protocol import Topics, encode, state_payload
 
         fleet.credentials(node)
         self.node, self.session, self.topics = node, uuid.uuid4().hex, Topics()
@@ -205,7 +205,7 @@ class SimAgent:
             info.wait_for_publish(5)
 
     def state(self, state: str) -> None:
-        from fleet.protocol import state_payload
+        from ollama_fleet.contract.protocol import state_payload
 
         self.client.publish(self.topics.node(self.node, "state"), self._encode(state_payload(state, self.session)),
                             qos=1, retain=True).wait_for_publish(5)

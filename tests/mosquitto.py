@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import IO, Self
 from urllib.parse import quote
 
-from broker.local import current_user, find_mosquitto, free_loopback_port
-from broker.passwd import add_credentials, remove_credentials
+from ollama_fleet.broker.local import current_user, find_mosquitto, free_loopback_port
+from ollama_fleet.broker.passwd import add_credentials, remove_credentials
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONF = ROOT / "broker" / "mosquitto.conf"

@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 import aiomqtt
 
-from agent.install import MARKER, default_asset
-from broker.local import free_loopback_port
-from fleet import settings
-from fleet.settings import AGENT, Config
+from ollama_fleet.agent.install import MARKER, default_asset
+from ollama_fleet.broker.local import free_loopback_port
+from ollama_fleet import settings
+from ollama_fleet.settings import AGENT, Config
 from tests.release_server import ReleaseServer, fake_ollama_script
 
 T = TypeVar("T")
@@ -174,7 +174,7 @@ class Collector:
 
 @contextlib.asynccontextmanager
 async def running_agent(cfg: Config) -> AsyncIterator[Any]:
-    from agent.service import Agent
+    from ollama_fleet.agent.service import Agent
 
     agent = Agent(cfg)
     task = asyncio.create_task(agent.run())

@@ -114,7 +114,7 @@ def fleet_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`fleet ...` as a separate process (as an operator would run it), with no FLEET_* from the outside."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "fleet.cli", *args], env=env, cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "ollama_fleet.cli", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)
 
 

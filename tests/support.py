@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import httpx
 
-from broker.local import free_loopback_port
+from ollama_fleet.broker.local import free_loopback_port
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -58,7 +58,7 @@ class Proc:
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", *self.args], env=_env(self.env),
+        self.proc = subprocess.Popen([sys.executable, "-m", "ollama_fleet.cli", *self.args], env=_env(self.env),
                                      cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from agent import collect
-from agent.service import Agent, default_node_id
-from fleet.protocol import check
-from fleet.settings import ConfigError, load
+from ollama_fleet.agent import collect
+from ollama_fleet.agent.service import Agent, default_node_id
+from ollama_fleet.contract.protocol import check
+from ollama_fleet.settings import ConfigError, load
 
 
 def _agent(**values: str) -> Agent:

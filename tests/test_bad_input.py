@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from controller.http import MAX_JSON_DEPTH, JSONError, parse_json
+from ollama_fleet.controller.edge.http import MAX_JSON_DEPTH, JSONError, parse_json
 from tests.proxy_support import start_fleet
 
 TOKEN = "bad-input-admin-token"

@@ -27,8 +27,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker import passwd
-from broker.local import LOOPBACK, find_mosquitto, start_trial_broker
+from ollama_fleet.broker import passwd
+from ollama_fleet.broker.local import LOOPBACK, find_mosquitto, start_trial_broker
 from tests.mosquitto import (
     CONNACK_ACCEPTED,
     CONNACK_NOT_AUTHORIZED,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.passwd import add_credentials
+from ollama_fleet.broker.passwd import add_credentials
 from tests.support import ROOT, docker_engine
 
 

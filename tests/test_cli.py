@@ -11,15 +11,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fleet import __version__, settings
-from fleet.cli import EXTRA_COMMANDS, _parser
-from fleet.settings import AGENT, CONTROLLER, ConfigError
+from ollama_fleet import __version__
+from ollama_fleet import settings
+from ollama_fleet.cli import EXTRA_COMMANDS, _parser
+from ollama_fleet.settings import AGENT, CONTROLLER, ConfigError
 from tests.support import ROOT, Proc, wait_until
-from broker.local import free_loopback_port
+from ollama_fleet.broker.local import free_loopback_port
 
 
 def run_fleet(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleet.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "ollama_fleet.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=60)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fleet.cli import _parser
+from ollama_fleet.cli import _parser
 from tests.support import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())

@@ -32,14 +32,15 @@ from jsonschema import Draft202012Validator
 from referencing import Registry as SchemaRegistry
 from referencing import Resource
 
-import agent.gpu as agent_gpu
-from agent.service import Agent
-from controller.hub import Hub
-from controller.ingest import Ingest
-from controller.registry import Registry
-from fleet import mqtt as fmqtt
-from fleet import protocol, settings
-from fleet.protocol import NODE_ID_RE, NODE_TOPICS, ProtocolError, Topics
+import ollama_fleet.agent.gpu as agent_gpu
+from ollama_fleet.agent.service import Agent
+from ollama_fleet.controller.hub import Hub
+from ollama_fleet.controller.registry.ingest import Ingest
+from ollama_fleet.controller.registry.live import Registry
+from ollama_fleet import mqtt as fmqtt
+from ollama_fleet.contract import protocol
+from ollama_fleet import settings
+from ollama_fleet.contract.protocol import NODE_ID_RE, NODE_TOPICS, ProtocolError, Topics
 from tests.fake_ollama import start_fake_ollama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -658,7 +659,7 @@ async def test_agent_payloads_with_ollama_unreachable() -> None:
 
 
 def test_real_job_status_documents_validate() -> None:
-    from agent.progress import JobStatus, Meter
+    from ollama_fleet.agent.progress import JobStatus, Meter
 
     docs: list[dict[str, Any]] = []
     now = [100.0]
@@ -695,7 +696,7 @@ def test_real_job_status_documents_validate() -> None:
 
 
 async def test_real_node_events_validate() -> None:
-    from agent.manager import OllamaManager
+    from ollama_fleet.agent.manager import OllamaManager
 
     manager = OllamaManager(settings.load(["agent"], {"node_id": NODE}, env={}))
     try:

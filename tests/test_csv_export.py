@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from controller.exports import FORMULA_PREFIXES, csv_cell, to_csv
+from ollama_fleet.controller.exports import FORMULA_PREFIXES, csv_cell, to_csv
 from tests.proxy_support import chat_body, start_fleet
 
 TOKEN = "csv-admin-token"

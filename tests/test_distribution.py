@@ -10,10 +10,10 @@ import time
 import psutil
 import pytest
 
-from controller.catalogue import estimate_memory, load_catalogue
-from controller.hub import Hub
-from controller.registry import AgentRecord
-from fleet.model_tiers import GB, largest_gpu_memory, load_tiers
+from ollama_fleet.controller.jobs.catalogue import estimate_memory, load_catalogue
+from ollama_fleet.controller.hub import Hub
+from ollama_fleet.controller.registry.live import AgentRecord
+from ollama_fleet.model_tiers import GB, largest_gpu_memory, load_tiers
 from tests.jobs_support import JobWatcher, publish, task, wait_task
 from tests.support import wait_until
 
@@ -62,13 +62,13 @@ def test_catalogue_is_realistic():
 
 
 def test_distributor_reads_memory_from_override_then_nvml_then_ram(tmp_path):
-    from controller.distribution import Distributor
+    from ollama_fleet.controller.jobs.distribution import Distributor
 
     class FleetStub:  # only the attributes Distributor reads; the registry is the real one
         def __init__(self) -> None:
-            from fleet.settings import load
+            from ollama_fleet.settings import load
             self.cfg = load(["controller"], env={})
-            from controller.registry import Registry
+            from ollama_fleet.controller.registry.live import Registry
             self.registry = Registry(Hub())
             self.hub = self.registry.hub
 

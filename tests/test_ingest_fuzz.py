@@ -24,13 +24,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.db import init_db
-from controller.hub import Hub
-from controller.ingest import Ingest
-from controller.registry import MAX_TEXT, Registry
-from controller.store import BatchStats, apply_batch
-from fleet.protocol import NODE_TOPICS, STRING_MAX, decode
-from fleet.settings import CONTROLLER, load
+from ollama_fleet.controller.db import init_db
+from ollama_fleet.controller.hub import Hub
+from ollama_fleet.controller.registry.ingest import Ingest
+from ollama_fleet.controller.registry.live import MAX_TEXT, Registry
+from ollama_fleet.controller.registry.store import BatchStats, apply_batch
+from ollama_fleet.contract.protocol import NODE_TOPICS, STRING_MAX, decode
+from ollama_fleet.settings import CONTROLLER, load
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -187,7 +187,7 @@ def test_what_reaches_the_registry_is_clean_and_storable(case: tuple[str, bytes]
 @FUZZ
 @given(value=json_value)
 def test_decode_returns_clean_objects_or_raises_protocol_error(value: Any) -> None:
-    from fleet.protocol import ProtocolError
+    from ollama_fleet.contract.protocol import ProtocolError
 
     raw = json.dumps({"v": 1, "x": value}).encode()
     try:

@@ -19,14 +19,14 @@ import peewee as pw
 import pytest
 from playhouse.migrate import SchemaMigrator
 
-import controller.auth_web  # noqa: F401  (registers its table; with the imports below MODELS is a controller's)
-from broker.local import free_loopback_port
-from controller import keys
-from controller.db import MODELS, Agent, Event, init_db
-from controller.job_store import Job
-from controller.migrations import MIGRATIONS, Migration, SchemaTooNew, add_column, latest
-from controller.requestlog import RequestRecord
-from controller.store import load_registry
+import ollama_fleet.controller.dashboard.login  # noqa: F401  (registers its table; with the imports below MODELS is a controller's)
+from ollama_fleet.broker.local import free_loopback_port
+from ollama_fleet.controller.proxy import keys
+from ollama_fleet.controller.db import MODELS, Agent, Event, init_db
+from ollama_fleet.controller.jobs.store import Job
+from ollama_fleet.controller.migrations import MIGRATIONS, Migration, SchemaTooNew, add_column, latest
+from ollama_fleet.controller.proxy.requestlog import RequestRecord
+from ollama_fleet.controller.registry.store import load_registry
 from tests.proxy_support import fleet_cli
 from tests.support import ROOT, fresh_postgres_db
 
@@ -311,8 +311,8 @@ RACER = r"""
 import os, sys, time
 from pathlib import Path
 import peewee as pw
-from controller.db import init_db
-from controller.migrations import MIGRATIONS, Migration, add_column
+from ollama_fleet.controller.db import init_db
+from ollama_fleet.controller.migrations import MIGRATIONS, Migration, add_column
 
 url, work, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 WAITING = ("SELECT count(*) FROM pg_stat_activity"
@@ -360,7 +360,7 @@ def test_processes_starting_together_apply_a_step_once(url: str, tmp_path: Path)
 def test_timestamps_keep_their_fractions_after_the_upgrade(url: str) -> None:
     """Step 2: release e20eba6 stored float columns as 4-byte REAL on PostgreSQL (an epoch timestamp lost
     up to a minute); after the upgrade they are double precision, and a fresh database has them too."""
-    from controller.migrations import DOUBLE_COLUMNS
+    from ollama_fleet.controller.migrations import DOUBLE_COLUMNS
 
     make_release_database(url)
     init_db(url)

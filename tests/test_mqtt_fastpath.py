@@ -25,8 +25,8 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 import pytest
 
-from fleet import mqtt as fmqtt
-from fleet.settings import CONTROLLER, Config, load
+from ollama_fleet import mqtt as fmqtt
+from ollama_fleet.settings import CONTROLLER, Config, load
 from tests.mosquitto import CONNACK_ACCEPTED, MosquittoMissing, MosquittoProcess, start_mosquitto
 
 BURST = 5000  # messages per burst test, spread over BURST_TOPICS

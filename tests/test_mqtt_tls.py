@@ -19,9 +19,9 @@ import aiomqtt
 import paho.mqtt.client as mqtt
 import pytest
 
-from broker.local import free_loopback_port
-from fleet import mqtt as fmqtt
-from fleet.settings import AGENT, load
+from ollama_fleet.broker.local import free_loopback_port
+from ollama_fleet import mqtt as fmqtt
+from ollama_fleet.settings import AGENT, load
 from tests.mosquitto import MosquittoMissing, MosquittoProcess, start_mosquitto
 from tests.support import AgentProc, Controller, wait_until
 
@@ -160,7 +160,7 @@ def test_a_client_trusting_another_ca_is_refused(tls_broker: TlsBroker) -> None:
 
 
 def test_a_missing_ca_file_is_a_config_error(tls_broker: TlsBroker, tmp_path: Path) -> None:
-    from fleet.settings import ConfigError
+    from ollama_fleet.settings import ConfigError
 
     with pytest.raises(ConfigError, match="mqtt_ca_file"):
         fmqtt.client_kwargs(_cfg(tls_broker, str(tmp_path / "nope.pem")), "tls-probe")

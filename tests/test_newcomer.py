@@ -9,9 +9,9 @@ import json
 import os
 import re
 
-from controller.catalogue import load_catalogue
-from fleet.cli import _parser
-from fleet.model_tiers import load_tiers
+from ollama_fleet.controller.jobs.catalogue import load_catalogue
+from ollama_fleet.cli import _parser
+from ollama_fleet.model_tiers import load_tiers
 from tests.jobs_support import wait_task
 from tests.support import ROOT, wait_until
 from tests.test_cli import run_fleet

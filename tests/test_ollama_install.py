@@ -18,13 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
-from agent import install as inst
-from agent import progress as prog
-from agent.install import ChecksumError, DiskFullError, InstallError, Release, backoff_schedule, default_asset
-from agent.manager import OllamaManager
-from agent.ollama import OllamaClient
-from fleet import settings
-from fleet.settings import AGENT
+from ollama_fleet.agent import install as inst
+from ollama_fleet.agent import progress as prog
+from ollama_fleet.agent.install import ChecksumError, DiskFullError, InstallError, Release, backoff_schedule, default_asset
+from ollama_fleet.agent.manager import OllamaManager
+from ollama_fleet.agent.ollama import OllamaClient
+from ollama_fleet import settings
+from ollama_fleet.settings import AGENT
 from tests.forward_proxy import ForwardProxy
 from tests.mosquitto import MosquittoProcess
 from tests.ollama_support import (
@@ -472,7 +472,7 @@ async def test_missing_ollama_is_reported_and_the_agent_keeps_running(tmp_path: 
 
 
 async def test_install_proceeds_while_the_broker_is_unreachable(tmp_path: Path, rs: ReleaseServer) -> None:
-    from broker.local import free_loopback_port
+    from ollama_fleet.broker.local import free_loopback_port
 
     cfg = agent_cfg(tmp_path, rs, install_ollama=True, mqtt_url=f"mqtt://127.0.0.1:{free_loopback_port()}")
     async with running_agent(cfg) as agent:

@@ -12,7 +12,7 @@ import ollama
 import openai
 import pytest
 
-from broker.local import free_loopback_port
+from ollama_fleet.broker.local import free_loopback_port
 from tests.proxy_support import chat_body, served_by, start_fleet, stream_lines, wait_routable
 from tests.support import wait_until
 

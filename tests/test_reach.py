@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller.reach import effective_url, local_addresses
+from ollama_fleet.controller.registry.reach import effective_url, local_addresses
 
 
 def test_remote_agent_on_loopback_is_reached_on_its_lan_address():

@@ -18,9 +18,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from controller import store as store_mod
-from controller.db import Agent, Event, Gpu, InstalledModel, MetricSample, init_db
-from controller.registry import Batch
+from ollama_fleet.controller.registry import store as store_mod
+from ollama_fleet.controller.db import Agent, Event, Gpu, InstalledModel, MetricSample, init_db
+from ollama_fleet.controller.registry.live import Batch
 from tests.support import wait_until
 
 PUBACK_OK = 0
@@ -180,7 +180,7 @@ def test_a_transient_failure_raises_so_the_batch_is_requeued(tmp_path):
     """A locked database is not a bad row: nothing is dropped, the caller requeues the batch."""
     import sqlite3
 
-    from controller.db import SQLITE_PRAGMAS
+    from ollama_fleet.controller.db import SQLITE_PRAGMAS
 
     path = tmp_path / "locked.db"
     database = init_db(f"sqlite:///{path}")

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from controller import db as dbm
-from controller.requestlog import COLUMNS, RequestRecord, write_rows
+from ollama_fleet.controller import db as dbm
+from ollama_fleet.controller.proxy.requestlog import COLUMNS, RequestRecord, write_rows
 from tests.proxy_support import db_rows, start_fleet, wait_routable
 from tests.support import wait_until
 

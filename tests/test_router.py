@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from controller.registry import AgentRecord
-from controller.router import Decision, NoRoute, Router, normalize_model, score, weight
+from ollama_fleet.controller.registry.live import AgentRecord
+from ollama_fleet.controller.proxy.router import Decision, NoRoute, Router, normalize_model, score, weight
 
 LLAMA = {"name": "llama3.2:latest", "digest": "a80c", "size": 1}
 QWEN = {"name": "qwen2.5:0.5b", "digest": "a8b0", "size": 1}

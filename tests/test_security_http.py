@@ -262,9 +262,9 @@ def test_viewer_token_needs_admin_token(fleet):
 
 def test_the_security_doc_states_the_real_limits():
     """docs/security.md quotes these numbers: keep it honest."""
-    from controller import throttle
-    from controller.auth_web import SESSION_TTL
-    from fleet.settings import BY_NAME
+    from ollama_fleet.controller.edge import throttle
+    from ollama_fleet.controller.dashboard.login import SESSION_TTL
+    from ollama_fleet.settings import BY_NAME
     from tests.support import ROOT
 
     doc = " ".join((ROOT / "docs" / "security.md").read_text().split())

@@ -20,14 +20,14 @@ from typing import Any
 import psutil
 import pytest
 
-from agent import progress as prog
-from agent import supervisor as sup
-from agent.default_model import choose_default_model
-from agent.manager import OllamaManager
-from agent.service_install import main as service_install_main
-from agent.service_install import render_unit
-from fleet import model_tiers
-from fleet.model_tiers import GB, TiersError, load_tiers
+from ollama_fleet.agent import progress as prog
+from ollama_fleet.agent import supervisor as sup
+from ollama_fleet.agent.default_model import choose_default_model
+from ollama_fleet.agent.manager import OllamaManager
+from ollama_fleet.agent.service_install import main as service_install_main
+from ollama_fleet.agent.service_install import render_unit
+from ollama_fleet import model_tiers
+from ollama_fleet.model_tiers import GB, TiersError, load_tiers
 from tests.fake_ollama import start_fake_ollama
 from tests.mosquitto import MosquittoProcess
 from tests.ollama_support import (
@@ -236,7 +236,7 @@ def test_ollama_dies_with_a_sigkilled_agent_process(tmp_path: Path, mosquitto: M
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
         env.update(PYTHONPATH=str(ROOT), NO_PROXY="*",  # the password in the environment, never argv
                    FLEET_MQTT_URL=f"mqtt://{node}:{mosquitto.add_user(node)}@127.0.0.1:{mosquitto.port}")
-        args = [sys.executable, "-m", "fleet.cli", "agent", "--install-ollama",
+        args = [sys.executable, "-m", "ollama_fleet.cli", "agent", "--install-ollama",
                 "--node-id", node, "--ollama-url", cfg.ollama_url, "--ollama-version", VERSION,
                 "--ollama-download-url", rs.url_template(), "--ollama-checksum-url", rs.checksum_template(),
                 "--ollama-install-dir", str(tmp_path / "ollama"), "--data-dir", str(tmp_path / "data"),

@@ -3,7 +3,7 @@ for clients already at work, and bounded memory. (End to end: tests/test_securit
 
 from __future__ import annotations
 
-from controller.throttle import GOOD_FOR, MAX_ADDRESSES, Throttle
+from ollama_fleet.controller.edge.throttle import GOOD_FOR, MAX_ADDRESSES, Throttle
 
 
 def test_per_address_window_slides():

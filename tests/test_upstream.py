@@ -22,8 +22,8 @@ from typing import cast
 
 import pytest
 
-from controller import upstream
-from controller.upstream import (
+from ollama_fleet.controller.proxy import upstream
+from ollama_fleet.controller.proxy.upstream import (
     ConnectError,
     ProtocolError,
     ReadTimeout,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from fleet.settings import markdown_table
+from ollama_fleet.settings import markdown_table
 from tests.support import ROOT
 
 START, END = "<!-- settings:start -->", "<!-- settings:end -->"

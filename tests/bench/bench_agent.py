@@ -26,7 +26,7 @@ import httpx  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 import psutil  # noqa: E402
 
-from broker.local import free_loopback_port  # noqa: E402
+from ollama_fleet.broker.local import free_loopback_port    # noqa: E402
 from tests.mosquitto import start_mosquitto  # noqa: E402
 from tests.ollama_support import ASSET, VERSION  # noqa: E402
 from tests.release_server import ReleaseServer, make_archive  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> int:
     ollama_url = f"http://127.0.0.1:{free_loopback_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}
     env.update(PYTHONPATH=str(ROOT), NO_PROXY="*", FLEET_MQTT_URL=broker.url())  # secrets never in argv
-    cmd = [sys.executable, "-m", "fleet.cli", "agent", "--install-ollama",
+    cmd = [sys.executable, "-m", "ollama_fleet.cli", "agent", "--install-ollama",
            "--node-id", node, "--ollama-url", ollama_url, "--ollama-version", VERSION,
            "--ollama-download-url", rs.url_template(), "--ollama-checksum-url", rs.checksum_template(),
            "--ollama-install-dir", str(tmp / "ollama"), "--data-dir", str(tmp / "data"),

@@ -100,7 +100,7 @@ def main() -> int:
         procs.append(AgentProc(tmp, "bench-a", broker.url("bench-a"), fake.url, {"FLEET_HEARTBEAT_INTERVAL": "2"}))
         wait_until(lambda: (a := ctl.agent("bench-a")) and a["routable"] and "llama3.2:latest" in a["models"], 20,
                    what="agent routable")
-        from fleet.settings import SETTINGS
+        from ollama_fleet.settings import SETTINGS
 
         limit = args.max_body_bytes or int(next(s.default for s in SETTINGS if s.name == "max_body_bytes"))
         bodies = [body_of(limit, i) for i in range(args.clients)]

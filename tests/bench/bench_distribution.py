@@ -35,8 +35,8 @@ import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent.service import Agent
-from fleet import settings
+from ollama_fleet.agent.service import Agent
+from ollama_fleet import settings
 from tests.fake_ollama import FakeOllamaServer
 from tests.mosquitto import start_mosquitto
 from tests.support import Controller

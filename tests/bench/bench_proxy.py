@@ -260,7 +260,7 @@ class ProfiledController(BenchController):
         root = Path(__file__).resolve().parents[2]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(out), "-m", "fleet.cli", *self.args],
+                [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(out), "-m", "ollama_fleet.cli", *self.args],
                 env={**{k: v for k, v in os.environ.items() if not k.startswith("FLEET_")}, "PYTHONPATH": str(root),
                      **self.env},
                 cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

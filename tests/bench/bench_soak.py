@@ -695,7 +695,7 @@ class Soak:
         api = self.get_json("/api/requests", since=since, per_page=25)
         self.log_total_api = api.get("total") if isinstance(api, dict) else None
         self.log_api_error = None if self.log_total_api is not None else api
-        from controller.requestlog import RequestRecord
+        from ollama_fleet.controller.proxy.requestlog import RequestRecord
 
         table = RequestRecord._meta.table_name  # type: ignore[attr-defined]
         con = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=10)

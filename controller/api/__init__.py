@@ -1,0 +1,1 @@
+"""The JSON management API (agents, models, jobs, requests) and its OpenAPI description."""

@@ -1,0 +1,1 @@
+"""The server-rendered dashboard: pages, live sections over SSE, login sessions."""

@@ -1,0 +1,89 @@
+"""Small helpers shared by the HTTP blueprints: error shape, the bearer credential, JSON body parsing."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sanic import Request, json
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse
+
+from ollama_fleet.contract.sanitize import TooDeep, clean_tree, depth, loads_strict
+
+log = logging.getLogger("fleet.controller")
+
+
+def error(status: int, message: str, **extra: Any) -> HTTPResponse:
+    """Management API errors use Ollama's own shape: {"error": "..."}."""
+    return json({"error": message, **extra}, status=status)
+
+
+def bearer(request: Request) -> str:
+    """The Bearer credential; one that is not ASCII (no token or key of ours is) comes back as a value that
+    matches nothing, so it fails (and is throttled) like any wrong credential instead of breaking a compare."""
+    header = request.headers.get("authorization", "")
+    value = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    return value if value.isascii() else "\ufffd"
+
+
+MAX_JSON_DEPTH = 64  # nesting levels; LLM bodies (messages, tool schemas) need far fewer
+
+
+class JSONError(ValueError):
+    """A body that is not acceptable JSON; the message is meant for the client."""
+
+
+def parse_json(raw: bytes | bytearray | str) -> Any:
+    """Strict, bounded json.loads: raises JSONError (a ValueError) for invalid JSON, NaN/Infinity,
+    integers beyond Python's digit limit and nesting deeper than MAX_JSON_DEPTH. Never RecursionError."""
+    try:
+        value = loads_strict(raw)
+    except TooDeep:
+        raise JSONError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN, the int digit limit
+        raise JSONError(str(e)) from None
+    # Cheap bound first: fewer openers than the limit cannot nest deeper than it (the usual case).
+    openers = raw.count("[") + raw.count("{") if isinstance(raw, str) else raw.count(b"[") + raw.count(b"{")
+    if openers > MAX_JSON_DEPTH and depth(value) > MAX_JSON_DEPTH:
+        raise JSONError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def json_body(request: Request, optional: bool = False) -> dict[str, Any] | HTTPResponse:
+    """The request's JSON object, strings cleaned (fleet.sanitize), or a 400 in the API's error shape.
+    `optional`: no body (or only whitespace) is an empty object."""
+    if not request.body or not request.body.strip():
+        return {} if optional else error(400, "missing request body")
+    try:
+        body = parse_json(request.body)
+    except JSONError as e:
+        return error(400, f"invalid JSON body: {e}")
+    if not isinstance(body, dict):
+        return error(400, "request body must be a JSON object")
+    return clean_tree(body)
+
+
+def error_response(openai: bool, status: int, message: str, code: str | None = None) -> HTTPResponse:
+    """An error in the API's own shape: native `{"error": "..."}`, OpenAI's error object."""
+    if not openai:
+        return json({"error": message}, status=status)
+    kind = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+            408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(status,
+                                                                                                  "api_error")
+    return json({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                         status=status)
+
+
+def sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
+    """Sanic's own refusals (404, 405, 408, 413...) in the API's error shape, like every other error."""
+    resp = error_response(request.path.startswith("/v1/"), exc.status_code, str(exc) or exc.message)
+    for k, v in (getattr(exc, "headers", None) or {}).items():
+        resp.headers[k] = v
+    return resp
+
+
+def unexpected_error(request: Request, exc: Exception) -> HTTPResponse:
+    """A bug, not bad input: logged with its traceback, answered in the API's error shape."""
+    log.error("unhandled error in %s %s", request.method, request.path[:200], exc_info=exc)
+    return error_response(request.path.startswith("/v1/"), 500, "internal error (logged by the controller)")

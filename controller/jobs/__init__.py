@@ -1,0 +1,1 @@
+"""Jobs: the command/job ledger, model distribution and the model catalogue."""

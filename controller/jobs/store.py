@@ -1,0 +1,108 @@
+"""The job table and its queries (run on the store's threads; see controller/jobs.py for the ledger)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, cast
+
+import peewee as pw
+
+from ollama_fleet.controller.db import Base, JSONField, register_models
+
+STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled", "rejected")
+TERMINAL = frozenset(STATUSES[2:])
+CHUNK = 200  # rows per INSERT
+
+
+class Job(Base):
+    task_id = pw.CharField(unique=True, max_length=200)  # the API's id: job_id, or job_id@node when shared
+    job_id = pw.CharField(max_length=128)
+    node_id = pw.CharField(max_length=63, index=True)
+    verb = pw.CharField(max_length=32)
+    model = pw.CharField(null=True, index=True)
+    args = JSONField(default=dict)
+    origin = pw.CharField(max_length=32, index=True)
+    status = pw.CharField(max_length=16, index=True)
+    progress = pw.DoubleField(null=True)
+    completed = pw.BigIntegerField(null=True)
+    total = pw.BigIntegerField(null=True)
+    speed = pw.DoubleField(null=True)
+    eta = pw.DoubleField(null=True)
+    phase = pw.CharField(null=True)
+    error_code = pw.CharField(null=True, max_length=32)
+    error = pw.TextField(null=True)
+    seq = pw.IntegerField(default=0)
+    session = pw.CharField(null=True, max_length=64)
+    group_id = pw.CharField(null=True, max_length=64, index=True)
+    queue_if_offline = pw.BooleanField(default=False)
+    attempts = pw.IntegerField(default=0)
+    created_at = pw.DoubleField(index=True)
+    dispatched_at = pw.DoubleField(null=True)
+    started_at = pw.DoubleField(null=True)
+    finished_at = pw.DoubleField(null=True)
+    updated_at = pw.DoubleField()
+
+    class Meta:
+        indexes = ((("node_id", "job_id"), True),)
+
+
+register_models(Job)
+COLUMNS = tuple(f.name for f in Job._meta.sorted_fields if f.name != "id")
+
+
+def job_json(row: dict[str, Any]) -> dict[str, Any]:
+    """The API's task document, from a JobRec or a database row."""
+    return {
+        "id": row["task_id"], "job_id": row["job_id"], "agent_id": row["node_id"], "verb": row["verb"],
+        "model": row["model"], "origin": row["origin"], "status": row["status"], "progress": row["progress"],
+        "completed": row["completed"], "total": row["total"], "speed": row["speed"], "eta": row["eta"],
+        "phase": row["phase"], "error": row["error"], "error_code": row["error_code"], "args": row["args"],
+        "group": row["group_id"], "queue_if_offline": row["queue_if_offline"], "attempts": row["attempts"],
+        "created_at": row["created_at"], "dispatched_at": row["dispatched_at"], "started_at": row["started_at"],
+        "finished_at": row["finished_at"], "updated_at": row["updated_at"],
+    }
+
+
+def upsert(rows: list[dict[str, Any]]) -> int:
+    preserve = [f for f in Job._meta.sorted_fields if f.name not in ("id", "task_id")]
+    for i in range(0, len(rows), CHUNK):
+        Job.insert_many(rows[i:i + CHUNK]).on_conflict(conflict_target=[Job.task_id], preserve=preserve).execute()
+    return len(rows)
+
+
+def load_unfinished() -> list[dict[str, Any]]:
+    q = Job.select().where(Job.status.in_(("pending", "in_progress"))).order_by(Job.created_at)
+    return cast(list[dict[str, Any]], list(q.dicts()))
+
+
+def find(node: str, job_id: str) -> dict[str, Any] | None:
+    return Job.select().where((Job.node_id == node) & (Job.job_id == job_id)).dicts().first()
+
+
+def task_exists(task_id: str) -> bool:
+    return Job.select().where(Job.task_id == task_id).exists()
+
+
+def get(task_id: str) -> dict[str, Any] | None:
+    return Job.select().where(Job.task_id == task_id).dicts().first()
+
+
+def query(filters: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    q = Job.select()
+    for name, column in (("agent", Job.node_id), ("status", Job.status), ("origin", Job.origin),
+                         ("verb", Job.verb), ("group", Job.group_id)):
+        values: Iterable[str] | None = filters.get(name)
+        if values:
+            q = q.where(column.in_(list(values)))
+    if filters.get("model"):
+        q = q.where(Job.model.in_(list(filters["model"])))
+    if filters.get("since"):
+        q = q.where(Job.created_at >= filters["since"])
+    total = q.count()
+    page = (q.order_by(Job.created_at.desc(), Job._meta.fields["id"].desc())
+            .limit(filters.get("limit", 100)).offset(filters.get("offset", 0)))
+    return cast(list[dict[str, Any]], list(page.dicts())), total
+
+
+def prune(before: float) -> int:
+    return Job.delete().where(Job.status.in_(list(TERMINAL)) & (Job.finished_at < before)).execute()

@@ -1,0 +1,1 @@
+"""The live registry: MQTT ingest, the in-memory agent records, their persistence."""

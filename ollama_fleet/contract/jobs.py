@@ -1,0 +1,32 @@
+"""The job contract: verbs that create jobs, the statuses a job moves through, and which are final.
+
+One place for both sides: the agent reports these statuses on `jobs/<job_id>`, the controller's ledger
+and API accept and filter by them (specs/mqtt.md, "Jobs").
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    """A job's status, as carried in the retained `jobs/<job_id>` document and the API."""
+
+    PENDING = "pending"  # controller side: accepted, not yet sent (agent offline, or waiting its turn)
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"  # the agent refused the command (bad payload, unknown verb or version)
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.REJECTED})
+STATUSES: tuple[str, ...] = tuple(s.value for s in JobStatus)  # API and query order
+
+# Command verbs that create a job on the agent (the others are fire-and-forget or fleet-level).
+JOB_VERBS: tuple[str, ...] = ("model.pull", "model.delete")
