@@ -16,10 +16,9 @@ from typing import Any
 
 import httpx
 
+from ollama_fleet.agent.progress import JobReport, Meter
 from ollama_fleet.model_tiers import largest_gpu_memory, load_tiers
 from ollama_fleet.settings import Config
-
-from ollama_fleet.agent.progress import JobStatus, Meter
 
 log = logging.getLogger("fleet.agent.default_model")
 
@@ -35,9 +34,9 @@ class PullError(Exception):
 
 def choose_default_model(cfg: Config, gpus: list[dict[str, Any]], ram: int | None) -> str | None:
     """The operator's `default_model`, else the first model of the tier for this machine's memory."""
-    if cfg.get("default_model"):
-        return str(cfg.get("default_model"))
-    models = load_tiers(cfg.get("model_tiers_file") or None).choose(largest_gpu_memory(gpus), ram)
+    if cfg.default_model:
+        return cfg.default_model
+    models = load_tiers(cfg.model_tiers_file).choose(largest_gpu_memory(gpus), ram)
     return models[0] if models else None
 
 
@@ -51,7 +50,7 @@ def job_id_for(model: str) -> str:
     return "default-" + re.sub(r"[^A-Za-z0-9._:-]+", "-", model)[:80] + f"-{int(time.time())}"
 
 
-async def pull(client: httpx.AsyncClient, model: str, job: JobStatus) -> None:
+async def pull(client: httpx.AsyncClient, model: str, job: JobReport) -> None:
     """Stream `/api/pull`, summing per-layer progress; raises PullError on an in-band or HTTP error."""
     layers: dict[str, tuple[int, int]] = {}
     meter = Meter()
@@ -94,7 +93,7 @@ async def ensure_default_model(cfg: Config, ollama_url: str, gpus: list[dict[str
         if any(_same_model(m.get("name", ""), model) for m in tags):
             log.info("default model %s is already installed", model)
             return model
-        job = JobStatus(job_id_for(model), "model.pull", emit, origin="default", args={"model": model})
+        job = JobReport(job_id_for(model), "model.pull", emit, origin="default", args={"model": model})
         event("default_model_pull_started", "info", f"pulling default model {model}", model=model,
               job_id=job.job_id)
         job.start(phase="pulling manifest")

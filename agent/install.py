@@ -141,25 +141,25 @@ class Release:
 
 
 def release_from_config(cfg: Config) -> Release:
-    version = str(cfg.get("ollama_version") or "").strip().lstrip("v")
+    version = cfg.ollama_version.strip().lstrip("v")
     if not version:
         raise InstallError("ollama_version is empty")
-    asset = cfg.get("ollama_asset") or default_asset(version)
+    asset = cfg.ollama_asset or default_asset(version)
     os_name, arch = platform_names()
     fields = {"version": version, "asset": asset, "os": os_name, "arch": arch}
     try:
-        url = str(cfg.get("ollama_download_url")).format(**fields)
-        checksum_url = str(cfg.get("ollama_checksum_url") or "").format(**fields)
+        url = cfg.ollama_download_url.format(**fields)
+        checksum_url = cfg.ollama_checksum_url.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
         raise InstallError(f"bad URL template: {e}") from None
-    sha = str(cfg.get("ollama_sha256") or "").strip().lower()
+    sha = cfg.ollama_sha256.strip().lower()
     if sha and not re.fullmatch(r"[0-9a-f]{64}", sha):
         raise InstallError("ollama_sha256 must be 64 hex digits")
-    return Release(version, asset, url, checksum_url, sha, bool(cfg.get("ollama_allow_unverified")))
+    return Release(version, asset, url, checksum_url, sha, cfg.ollama_allow_unverified)
 
 
 def install_root(cfg: Config) -> Path:
-    configured = cfg.get("ollama_install_dir")
+    configured = cfg.ollama_install_dir
     return Path(configured).expanduser() if configured else cfg.data_path / "ollama"
 
 

@@ -12,24 +12,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-import aiomqtt
 import httpx
 
+from ollama_fleet.agent import collect
+from ollama_fleet.agent.outbox import Publisher
+from ollama_fleet.agent.progress import human_bytes
+from ollama_fleet.contract.jobs import TERMINAL, JobStatus
 from ollama_fleet.contract.model_names import normalize, valid_model_name
 from ollama_fleet.contract.protocol import JOB_ID_RE, PROTO, PROTO_RANGE
-
-from ollama_fleet.agent import collect
-from ollama_fleet.agent.progress import human_bytes
-
-if TYPE_CHECKING:
-    from ollama_fleet.agent.service import Agent
+from ollama_fleet.settings import Config
 
 log = logging.getLogger("fleet.agent.jobs")
 
@@ -37,7 +38,6 @@ log = logging.getLogger("fleet.agent.jobs")
 PROGRESS_MIN_INTERVAL = 1.0  # at most one progress document a second per job...
 PROGRESS_MAX_SILENCE = 5.0  # ...and at least one every five while it is not finished
 TICK = 0.25  # seconds between throttle checks
-FLUSH_RETRY = 0.5  # seconds before re-trying a publish that failed mid-reconnect
 JOBS_REMEMBERED = 1000  # finished jobs kept so a duplicate command re-publishes instead of re-running
 PULL_CONNECT_TIMEOUT = 10.0
 PULL_READ_TIMEOUT = 600.0  # Ollama can go quiet for minutes while it verifies a large blob
@@ -46,9 +46,10 @@ PROGRESS_BEFORE_SUCCESS = 0.999  # until Ollama says `success` (verification and
 SPEED_WINDOW = 5.0  # seconds of history behind the speed figure
 SPEED_MIN_SPAN = 0.5  # less history than this is no speed: buffered lines can arrive in one burst
 
-JOB_VERBS = ("model.pull", "model.delete")
-TERMINAL = frozenset({"completed", "failed", "cancelled", "rejected"})
 ENVELOPE = ("v", "job_id", "expires_at", "origin")
+
+CommandHandler = Callable[[dict[str, Any]], Awaitable[None]]
+Work = Callable[["Job"], Awaitable[None]]
 
 
 class JobError(Exception):
@@ -64,7 +65,7 @@ class Job:
     args: dict[str, Any]
     origin: str
     generated: bool = False
-    status: str = "pending"
+    status: JobStatus = JobStatus.PENDING
     seq: int = 0
     progress: float | None = 0.0
     completed: int | None = None
@@ -144,30 +145,25 @@ class Rate:
 
 
 class JobRunner:
-    """Registers the job verbs on the agent and runs them; one instance per agent."""
+    """Runs the job verbs (`handlers`) against the agent's Ollama; status goes to the `publisher`.
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        cfg = agent.cfg
-        self.concurrency = max(1, int(cfg.get("pull_concurrency") or 1))
-        override = float(cfg.get("gpu_mem_override") or 0)
+    `ollama` is the agent's own client for its Ollama (trust_env=False: never through HTTP(S)_PROXY); a new
+    client per runner would cost tens of milliseconds of certificate loading on the first job."""
+
+    def __init__(self, cfg: Config, publisher: Publisher, ollama: httpx.AsyncClient, disk_path: Path) -> None:
+        self.cfg, self.publisher, self._ollama, self.disk_path = cfg, publisher, ollama, disk_path
+        self.concurrency = max(1, cfg.pull_concurrency)
+        override = cfg.gpu_mem_override
         self.gpu_mem_override = int(override * 1e9) if override > 0 else None
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._slots = asyncio.Semaphore(self.concurrency)
-        self._outbox: dict[str, None] = {}  # job ids whose current status must go out, in order
-        self._wake = asyncio.Event()
-        self._session = ""  # broker session the unfinished jobs were last announced on
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
-        agent.handlers.update({"model.pull": self._cmd_pull, "model.delete": self._cmd_delete,
-                               "job.cancel": self._cmd_cancel})
 
     # ---- what the agent reports ------------------------------------------------------------
-    @property
-    def _ollama(self) -> httpx.AsyncClient:
-        """The agent's own client for its Ollama (trust_env=False: never through HTTP(S)_PROXY); a new
-        client per agent would cost tens of milliseconds of certificate loading on the first job."""
-        return self.agent.ollama.http
+    def handlers(self) -> dict[str, CommandHandler]:
+        """The command verbs this runner answers, for the agent's dispatcher."""
+        return {"model.pull": self._cmd_pull, "model.delete": self._cmd_delete, "job.cancel": self._cmd_cancel}
 
     def info(self) -> dict[str, Any]:
         """Fields of the `info` snapshot the controller's dispatcher and auto-distribution read."""
@@ -180,8 +176,7 @@ class JobRunner:
     def _ensure_started(self) -> None:
         if self._tasks:
             return
-        self._tasks = [asyncio.create_task(self._flush(), name="jobs-outbox"),
-                       asyncio.create_task(self._ticker(), name="jobs-ticker")]
+        self._tasks = [asyncio.create_task(self._ticker(), name="jobs-ticker")]
 
     async def stop(self) -> None:
         """The agent is going away: its jobs end with it (the controller notices and re-dispatches)."""
@@ -194,48 +189,23 @@ class JobRunner:
 
     # ---- status publishing -----------------------------------------------------------------
     def _send(self, job: Job) -> None:
-        """Queue the job's current status for publishing (the outbox keeps only the latest)."""
+        """Queue the job's status; it is rendered when it goes out, so it is the latest then. A running job
+        is announced again on every new broker connection."""
         job.dirty = False
         job.last_sent = time.monotonic()
-        self._outbox[job.job_id] = None
-        self._wake.set()
+        self.publisher.job_status(job.job_id, functools.partial(self._render, job.job_id), live=not job.done)
 
-    async def _flush(self) -> None:
-        agent = self.agent
-        while True:
-            await self._wake.wait()
-            await agent.connected.wait()
-            self._wake.clear()
-            if agent.session != self._session:  # a new connection: the broker hears every live job again
-                self._session = agent.session
-                for job in self.active():
-                    self._outbox[job.job_id] = None
-            current: Job | None = None
-            try:
-                while self._outbox:
-                    job_id = next(iter(self._outbox))
-                    del self._outbox[job_id]  # before the await: an update meanwhile queues it again
-                    current = self.jobs.get(job_id)
-                    if current is None:
-                        continue
-                    current.seq += 1
-                    await agent._publish("jobs", current.document(agent.session),
-                                         topic=agent.topics.job(agent.node_id, job_id))
-            except asyncio.CancelledError:
-                raise
-            except (aiomqtt.MqttError, AssertionError) as e:  # the session ended under us: the next one publishes it
-                log.debug("job status deferred: %s", e)
-                if current is not None:
-                    self._outbox[current.job_id] = None
-                self._wake.set()
-                await asyncio.sleep(FLUSH_RETRY)
+    def _render(self, job_id: str, session: str) -> dict[str, Any] | None:
+        job = self.jobs.get(job_id)
+        if job is None:  # forgotten meanwhile (JOBS_REMEMBERED): nothing to say any more
+            return None
+        job.seq += 1
+        return job.document(session)
 
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(TICK)
             now = time.monotonic()
-            if self.agent.connected.is_set() and self.agent.session != self._session:
-                self._wake.set()
             for job in self.active():
                 since = now - job.last_sent
                 if (job.dirty and since >= PROGRESS_MIN_INTERVAL) or since >= PROGRESS_MAX_SILENCE:
@@ -261,7 +231,7 @@ class JobRunner:
         self._remember(job)
         if problem is not None:
             log.warning("job %s (%s) rejected: %s", job_id, verb, problem.message)
-            self._end(job, "rejected", problem)
+            self._end(job, JobStatus.REJECTED, problem)
             return None
         log.info("job %s: %s %s (origin %s)", job_id, verb, args.get("model"), job.origin)
         self._send(job)  # `pending`, within a second of receipt
@@ -313,7 +283,7 @@ class JobRunner:
             job.task.cancel()
 
     # ---- running ---------------------------------------------------------------------------
-    async def _run(self, job: Job, work: Any) -> None:
+    async def _run(self, job: Job, work: Work) -> None:
         if job.verb != "model.pull":
             await self._work(job, work)
             return
@@ -323,55 +293,47 @@ class JobRunner:
         except asyncio.CancelledError:  # cancelled while still queued
             if self._stopping or not job.cancel_requested or job.done:
                 raise
-            self._end(job, "cancelled", JobError("cancelled", "cancelled by job.cancel before it started"))
+            self._end(job, JobStatus.CANCELLED, JobError("cancelled", "cancelled by job.cancel before it started"))
 
-    async def _work(self, job: Job, work: Any) -> None:
+    async def _work(self, job: Job, work: Work) -> None:
         try:
             self._start(job)
             await work(job)
             await self._publish_models()
-            self._end(job, "completed")
+            self._end(job, JobStatus.COMPLETED)
         except JobError as e:
             await self._publish_models()
-            self._end(job, "failed", e)
+            self._end(job, JobStatus.FAILED, e)
         except asyncio.CancelledError:
             if self._stopping or not job.cancel_requested:
                 raise
             await self._publish_models()
-            self._end(job, "cancelled", JobError("cancelled", "cancelled by job.cancel"))
+            self._end(job, JobStatus.CANCELLED, JobError("cancelled", "cancelled by job.cancel"))
         except Exception as e:  # a bug must fail the job loudly, not leave it running forever
             log.exception("job %s failed", job.job_id)
-            self._end(job, "failed", JobError("internal", f"{e.__class__.__name__}: {e}"))
+            self._end(job, JobStatus.FAILED, JobError("internal", f"{e.__class__.__name__}: {e}"))
 
     def _start(self, job: Job) -> None:
-        job.status, job.started_at, job.phase = "in_progress", time.time(), "starting"
+        job.status, job.started_at, job.phase = JobStatus.IN_PROGRESS, time.time(), "starting"
         self._send(job)
 
-    def _end(self, job: Job, status: str, error: JobError | None = None) -> None:
+    def _end(self, job: Job, status: JobStatus, error: JobError | None = None) -> None:
         job.status, job.finished_at = status, time.time()
         job.error_code = error.code if error else None
         # specs/mqtt.md: a rejection's message starts with its reason code
-        job.error = (f"{error.code}: {error.message}" if status == "rejected" else error.message) if error else None
-        if status == "completed":
+        job.error = (f"{error.code}: {error.message}" if status == JobStatus.REJECTED else error.message) if error else None
+        if status == JobStatus.COMPLETED:
             job.progress, job.eta = 1.0, 0.0
-        log.log(logging.WARNING if status in ("failed", "rejected") else logging.INFO, "job %s %s%s", job.job_id, status,
-                f": {error.message}" if error else "")
+        log.log(logging.WARNING if status in (JobStatus.FAILED, JobStatus.REJECTED) else logging.INFO, "job %s %s%s",
+                job.job_id, status, f": {error.message}" if error else "")
         self._send(job)
 
     async def _publish_models(self) -> None:
         """The installed-models snapshot goes out before the job's final status (specs/mqtt.md)."""
-        agent = self.agent
-        if not agent.connected.is_set():
-            return  # the next connection publishes every snapshot anyway
-        try:
-            await agent._refresh()
-            await agent._publish_snapshots()
-        except (aiomqtt.MqttError, AssertionError) as e:
-            log.debug("models snapshot after job deferred to the next heartbeat: %s", e)
-            agent.wake.set()
+        await self.publisher.refresh()
 
     def _disk_free(self) -> int | None:
-        disk = collect.soft(lambda: collect._disk(self.agent.disk_path))
+        disk = collect.soft(lambda: collect._disk(self.disk_path))
         return disk.free if disk else None
 
     def _no_room(self, needed: int, model: str) -> JobError | None:
@@ -379,15 +341,15 @@ class JobRunner:
         if free is None or needed <= free:
             return None
         return JobError("disk_full", f"insufficient storage: {model} needs {human_bytes(needed)} more, only "
-                                     f"{human_bytes(free)} free in {self.agent.disk_path}")
+                                     f"{human_bytes(free)} free in {self.disk_path}")
 
     async def _installed(self) -> dict[str, dict[str, Any]]:
         try:
-            resp = await self._ollama.get("/api/tags", timeout=float(self.agent.cfg.ollama_timeout) + 5)
+            resp = await self._ollama.get("/api/tags", timeout=self.cfg.ollama_timeout + 5)
             resp.raise_for_status()
             return {normalize(m["name"]): m for m in resp.json().get("models") or []}
         except (httpx.HTTPError, ValueError) as e:
-            raise JobError("ollama_down", f"Ollama at {self.agent.cfg.ollama_url} is not answering: "
+            raise JobError("ollama_down", f"Ollama at {self.cfg.ollama_url} is not answering: "
                                           f"{e.__class__.__name__}: {e}") from None
 
     async def _pull(self, job: Job) -> None:
@@ -417,7 +379,7 @@ class JobRunner:
                     if line.strip() and self._progress_line(job, rate, json.loads(line)):
                         return
         except httpx.ConnectError as e:
-            raise JobError("ollama_down", f"Ollama at {self.agent.cfg.ollama_url} is not answering: {e}") from None
+            raise JobError("ollama_down", f"Ollama at {self.cfg.ollama_url} is not answering: {e}") from None
         except httpx.TimeoutException:
             raise JobError("pull_failed", f"Ollama sent nothing for {PULL_READ_TIMEOUT:g} s") from None
         except httpx.HTTPError as e:
@@ -463,7 +425,7 @@ class JobRunner:
         try:
             resp = await self._ollama.request("DELETE", "/api/delete", json={"model": model}, timeout=DELETE_TIMEOUT)
         except httpx.HTTPError as e:
-            raise JobError("ollama_down", f"Ollama at {self.agent.cfg.ollama_url} is not answering: "
+            raise JobError("ollama_down", f"Ollama at {self.cfg.ollama_url} is not answering: "
                                           f"{e.__class__.__name__}: {e}") from None
         if resp.status_code == 404:
             raise JobError("not_found", f"model {model!r} is not installed")

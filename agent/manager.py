@@ -1,7 +1,7 @@
 """The agent's Ollama management: detect, install when asked, run and supervise, pull a default model.
 
 Runs beside the MQTT session and never needs it: an install proceeds while the broker is unreachable,
-and what it has to say (events, job status) waits in a small outbox until the agent is connected.
+and what it has to say (events, job status) waits in the agent's outbox until the agent is connected.
 States reported as `ollama.state` (info snapshot and heartbeat):
   unknown -> missing | installing -> install_failed | starting -> up <-> down/restarting
 """
@@ -13,15 +13,16 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
-
-from ollama_fleet.contract.protocol import PROTO
-from ollama_fleet.settings import Config
+import psutil
 
 from ollama_fleet.agent import supervisor as sup
+from ollama_fleet.agent.default_model import ensure_default_model
 from ollama_fleet.agent.install import (
     InstallError,
     Reporter,
@@ -31,25 +32,29 @@ from ollama_fleet.agent.install import (
     path_binary,
     release_from_config,
 )
-from ollama_fleet.agent.progress import ConsoleProgress, JobStatus, Meter
-
-if TYPE_CHECKING:
-    from ollama_fleet.agent.service import Agent
+from ollama_fleet.agent.outbox import Publisher
+from ollama_fleet.agent.progress import ConsoleProgress, JobReport, Meter
+from ollama_fleet.contract.protocol import PROTO
+from ollama_fleet.settings import Config
 
 log = logging.getLogger("fleet.agent.ollama")
 
-OUTBOX_EVENTS = 200  # events kept while the broker is unreachable (oldest dropped first)
-FLUSH_RETRY = 0.5  # seconds before re-trying a publish that failed mid-reconnect
 EVENT_HISTORY = 100  # recent events kept in memory for `events` (diagnostics, tests)
 
 
 class OllamaManager:
-    def __init__(self, cfg: Config, agent: Agent | None = None) -> None:
-        self.cfg, self.agent = cfg, agent
-        self.url = str(cfg.get("ollama_url") or "http://127.0.0.1:11434").rstrip("/")
-        self.install_enabled = bool(cfg.get("install_ollama"))
-        self.manage = bool(cfg.get("manage_ollama"))
-        self.pull_default = bool(cfg.get("pull_default_model"))
+    """Alone (tests, diagnostics) it keeps its events and job statuses in memory; in an agent it also posts
+    them to the agent's `publisher`, reads the agent's own probe (`ollama_up`) and its GPUs (`gpus`)."""
+
+    def __init__(self, cfg: Config, publisher: Publisher | None = None, *,
+                 ollama_up: Callable[[], bool] | None = None,
+                 gpus: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+        self.cfg, self.publisher = cfg, publisher
+        self._ollama_up, self._gpus = ollama_up, gpus
+        self.url = cfg.ollama_url.rstrip("/")
+        self.install_enabled = cfg.install_ollama
+        self.manage = cfg.manage_ollama
+        self.pull_default = cfg.pull_default_model
         self.root = install_root(cfg)
         self.state = "unknown"
         self.source: str | None = None  # url (someone else's Ollama) | installed (ours) | path (system)
@@ -61,10 +66,7 @@ class OllamaManager:
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENT_HISTORY)
         self.jobs: dict[str, dict[str, Any]] = {}  # latest status per job id
         self._http = httpx.AsyncClient(base_url=self.url, trust_env=False,  # LAN: never through a proxy
-                                       timeout=float(cfg.get("ollama_timeout") or 2.0))
-        self._pending_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=OUTBOX_EVENTS)
-        self._pending_jobs: dict[str, dict[str, Any]] = {}
-        self._outbox = asyncio.Event()
+                                       timeout=cfg.ollama_timeout)
         self._tasks: list[asyncio.Task[Any]] = []
         self._default_task: asyncio.Task[Any] | None = None
         self._missing_reported = False
@@ -73,8 +75,6 @@ class OllamaManager:
     # ---- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._main(), name="ollama-manager"))
-        if self.agent is not None:
-            self._tasks.append(asyncio.create_task(self._flush(), name="ollama-manager-outbox"))
 
     async def stop(self) -> None:
         """Stops the child `ollama serve` (it must not outlive the agent) and every task."""
@@ -95,10 +95,9 @@ class OllamaManager:
     # ---- what the agent reports ------------------------------------------------------------
     def reported_state(self) -> str:
         """The agent's own probe (just before each heartbeat) is the freshest word on up/down."""
-        status = getattr(self.agent, "status", None)
-        if status is None:
+        if self._ollama_up is None:
             return self.state
-        if status.up:
+        if self._ollama_up():
             return "up"
         return "down" if self.state == "up" else self.state
 
@@ -130,41 +129,13 @@ class OllamaManager:
         getattr(log, {"warning": "warning", "error": "error"}.get(level, "info"))("%s", message)
         doc = {"v": PROTO, "event": name, "level": level, "message": message, "ts": time.time(), **fields}
         self.events.append(doc)
-        if self.agent is not None:
-            self._pending_events.append(doc)
-            self._outbox.set()
+        if self.publisher is not None:
+            self.publisher.event(doc)
 
     def emit_job(self, doc: dict[str, Any]) -> None:
         self.jobs[doc["job_id"]] = doc
-        if self.agent is not None:
-            self._pending_jobs.pop(doc["job_id"], None)
-            self._pending_jobs[doc["job_id"]] = doc  # only the latest status of a job matters
-            self._outbox.set()
-
-    async def _flush(self) -> None:
-        assert self.agent is not None
-        agent = self.agent
-        while True:
-            await self._outbox.wait()
-            await agent.connected.wait()
-            self._outbox.clear()
-            try:
-                while self._pending_events:
-                    doc = self._pending_events[0]
-                    await agent._publish("events", {**doc, "session": agent.session})
-                    self._pending_events.popleft()
-                while self._pending_jobs:
-                    job_id, doc = next(iter(self._pending_jobs.items()))
-                    await agent._publish("jobs", {**doc, "session": agent.session},
-                                         topic=agent.topics.job(agent.node_id, job_id))
-                    if self._pending_jobs.get(job_id) is doc:
-                        del self._pending_jobs[job_id]
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # the session ended under us: keep it for the next one
-                log.debug("outbox publish deferred: %s", e)
-                self._outbox.set()
-                await asyncio.sleep(FLUSH_RETRY)
+        if self.publisher is not None:
+            self.publisher.job_status(doc["job_id"], doc)  # only the latest status of a job matters
 
     def _set_state(self, state: str, **attrs: Any) -> None:
         for k, v in attrs.items():
@@ -173,13 +144,12 @@ class OllamaManager:
             return
         log.info("ollama state: %s -> %s", self.state, state)
         self.state = state
-        wake = getattr(self.agent, "wake", None)
-        if wake is not None:
-            wake.set()  # the heartbeat and info snapshot carry it at once, not at the next tick
+        if self.publisher is not None:
+            self.publisher.wake()  # the heartbeat and info snapshot carry it at once, not at the next tick
 
     # ---- the work --------------------------------------------------------------------------
     def _find_binary(self) -> tuple[Path | None, str | None]:
-        own = installed_binary(self.root, str(self.cfg.get("ollama_version") or "").lstrip("v"))
+        own = installed_binary(self.root, self.cfg.ollama_version.lstrip("v"))
         system = path_binary()
         order = [(own, "installed"), (system, "path")]
         if not self.install_enabled:
@@ -268,7 +238,7 @@ class OllamaManager:
             self._install_failed(None, str(e))
             return None
         job_id = f"ollama-install-{release.version}-{int(time.time())}"
-        job = JobStatus(job_id, "ollama.install", self.emit_job,
+        job = JobReport(job_id, "ollama.install", self.emit_job,
                         args={"version": release.version, "asset": release.asset})
         console = ConsoleProgress(f"ollama {release.version}")
         reporter = _Reporter(self, job, console)
@@ -279,9 +249,9 @@ class OllamaManager:
         keepalive = asyncio.create_task(job.keepalive())
         try:
             binary = await install(release, self.root, reporter,
-                                   retries=int(self.cfg.get("ollama_download_retries", 5)),
-                                   backoff=float(self.cfg.get("ollama_retry_backoff", 1.0)),
-                                   backoff_max=float(self.cfg.get("ollama_retry_backoff_max", 60.0)))
+                                   retries=self.cfg.ollama_download_retries,
+                                   backoff=self.cfg.ollama_retry_backoff,
+                                   backoff_max=self.cfg.ollama_retry_backoff_max)
         except InstallError as e:
             console.close(reporter.meter, ok=False)
             self._install_failed(job, str(e))
@@ -299,7 +269,7 @@ class OllamaManager:
                    version=release.version, binary=str(binary), job_id=job.job_id)
         return binary
 
-    def _install_failed(self, job: JobStatus | None, error: str) -> None:
+    def _install_failed(self, job: JobReport | None, error: str) -> None:
         if job is not None:
             job.finish(False, error=error)
         self._set_state("install_failed", error=error)
@@ -311,12 +281,8 @@ class OllamaManager:
             return
 
         async def run() -> None:
-            from ollama_fleet.agent.default_model import ensure_default_model
-
             try:
-                import psutil
-
-                gpus = self.agent.gpus.inventory() if self.agent is not None else []
+                gpus = self._gpus() if self._gpus is not None else []
                 self.default_model = await ensure_default_model(
                     self.cfg, self.url, gpus, psutil.virtual_memory().total, self.emit_job, self.event)
             except asyncio.CancelledError:
@@ -331,7 +297,7 @@ class OllamaManager:
 class _Reporter(Reporter):
     """An install's progress to the terminal (bar or log lines) and to the job status."""
 
-    def __init__(self, manager: OllamaManager, job: JobStatus, console: ConsoleProgress) -> None:
+    def __init__(self, manager: OllamaManager, job: JobReport, console: ConsoleProgress) -> None:
         self.manager, self.job, self.console = manager, job, console
         self.meter = Meter()
 
@@ -348,8 +314,6 @@ class _Reporter(Reporter):
 
 
 def _port(url: str) -> int:
-    from urllib.parse import urlsplit
-
     with contextlib.suppress(ValueError):
         return urlsplit(url).port or 11434
     return 11434

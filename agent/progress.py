@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from ollama_fleet.contract.jobs import JobStatus
 from ollama_fleet.contract.protocol import PROTO
 
 log = logging.getLogger("fleet.agent.progress")
@@ -155,7 +156,7 @@ class ConsoleProgress:
                 f"{human_bytes(meter.speed)}/s, ETA {human_duration(meter.eta)}")
 
 
-class JobStatus:
+class JobReport:
     """The retained status document of one job (`jobs/<job_id>`), throttled for the broker.
 
     `emit` receives each document; it must not block (the agent queues it until connected).
@@ -166,7 +167,7 @@ class JobStatus:
         self.job_id, self.verb, self.emit, self.clock = job_id, verb, emit, clock
         self.extra = extra
         self.seq = 0
-        self.status = "in_progress"
+        self.status: JobStatus = JobStatus.IN_PROGRESS
         self.phase: str | None = None
         self.error: str | None = None
         self._figures: dict[str, Any] = {"progress": 0.0, "completed": 0, "total": None, "speed": 0.0,
@@ -176,7 +177,7 @@ class JobStatus:
 
     @property
     def done(self) -> bool:
-        return self.status in ("completed", "failed")
+        return self.status.terminal
 
     def document(self) -> dict[str, Any]:
         return {"v": PROTO, "job_id": self.job_id, "verb": self.verb, "status": self.status,
@@ -217,7 +218,7 @@ class JobStatus:
         if ok:
             self._figures["progress"] = 1.0
             self._figures["eta"] = 0.0
-        self.status = "completed" if ok else "failed"
+        self.status = JobStatus.COMPLETED if ok else JobStatus.FAILED
         self.error = error
         self._send()
 

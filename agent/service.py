@@ -13,25 +13,35 @@ import logging
 import re
 import socket
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
 
 from ollama_fleet import __version__
 from ollama_fleet import mqtt as fmqtt
-from ollama_fleet.contract.protocol import NODE_ID_RE, NODE_TOPICS, PROTO, PROTO_RANGE, ProtocolError, Topics, encode, new_session, state_payload
-from ollama_fleet.settings import Config, ConfigError
-
 from ollama_fleet.agent import collect
 from ollama_fleet.agent.gpu import Gpus
-from ollama_fleet.agent.jobs import JOB_VERBS, JobRunner
+from ollama_fleet.agent.jobs import CommandHandler, JobRunner
 from ollama_fleet.agent.manager import OllamaManager
 from ollama_fleet.agent.ollama import OllamaClient, OllamaStatus
+from ollama_fleet.agent.outbox import Outbox
+from ollama_fleet.contract.jobs import JOB_VERBS
+from ollama_fleet.contract.protocol import (
+    NODE_ID_RE,
+    PROTO,
+    PROTO_RANGE,
+    ProtocolError,
+    Topics,
+    encode,
+    new_session,
+    state_payload,
+)
+from ollama_fleet.settings import Config, ConfigError
 
 log = logging.getLogger("fleet.agent")
 
-CommandHandler = Callable[[dict[str, Any]], Awaitable[None]]
 DISCONNECT_PAUSE = 30.0  # seconds an agent stays away after a forced disconnect, unless the command says
 
 
@@ -54,7 +64,7 @@ class Agent:
             log.warning("node id %r differs from MQTT username %r: with the shipped ACL every publish "
                         "will be denied", self.node_id, username)
         self.topics = Topics(cfg.topic_prefix)
-        self.interval = float(cfg.heartbeat_interval)
+        self.interval = cfg.heartbeat_interval
         self.ollama = OllamaClient(cfg.ollama_url, cfg.ollama_timeout)
         self.gpus = Gpus()
         self.disk_path = collect.models_dir(cfg.models_dir)
@@ -63,7 +73,6 @@ class Agent:
         self.seq = 0
         self.status = OllamaStatus(up=False)
         self.client: aiomqtt.Client | None = None
-        self.connected = asyncio.Event()
         self.controller_instance: str | None = None
         self.handlers: dict[str, CommandHandler] = {
             "agent.rebirth": self._cmd_rebirth,
@@ -75,14 +84,24 @@ class Agent:
         self._stop = asyncio.Event()
         self._pause = 0.0
         self.wake = asyncio.Event()  # set to send a heartbeat (and changed snapshots) now
-        self.manager = OllamaManager(cfg, self)  # detect/install/supervise Ollama; detect-only unless asked
-        self.jobs = JobRunner(self)  # model.pull / model.delete / job.cancel (adds its handlers)
+        # the one way to the broker; the parts below see it only as a Publisher
+        self.outbox = Outbox(self.topics, self.node_id, refresh=self._report_now, wake=self.wake.set)
+        # detect/install/supervise Ollama (detect-only unless asked); model.pull, model.delete, job.cancel
+        self.manager = OllamaManager(cfg, self.outbox, ollama_up=lambda: self.status.up, gpus=self.gpus.inventory)
+        self.jobs = JobRunner(cfg, self.outbox, self.ollama.http, self.disk_path)
+        self.handlers.update(self.jobs.handlers())
+
+    @property
+    def connected(self) -> asyncio.Event:
+        """Set while a broker connection is up and its birth is out."""
+        return self.outbox.connected
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         log.info("agent %s starting (ollama %s, broker %r)", self.node_id, self.cfg.ollama_url,
                  fmqtt.BrokerAddress.from_config(self.cfg))
         attempt = 0
+        self.outbox.start()
         self.manager.start()  # before connecting: an install must not wait for the broker
         try:
             while not self._stop.is_set():
@@ -99,6 +118,7 @@ class Agent:
         finally:
             await self.jobs.stop()
             await self.manager.stop()  # terminates a child `ollama serve`: it must not outlive the agent
+            await self.outbox.stop()
             await self.ollama.aclose()
             self.gpus.close()
 
@@ -112,13 +132,14 @@ class Agent:
         kwargs = fmqtt.client_kwargs(self.cfg, f"fleet-agent-{self.node_id}", will)
         async with aiomqtt.Client(**kwargs) as client:
             self.client = client
+            self.outbox.attach(client.publish, self.session)
             self._published.clear()
             self.seq = 0  # heartbeats count 1, 2, ... within each session; the birth is 0
             for topic in self.topics.agent_subscriptions(self.node_id):
                 await client.subscribe(topic, qos=1)
             await self._refresh()
             await self._publish_birth()
-            self.connected.set()
+            self.outbox.open()
             log.info("connected as %s (session %s)", self.node_id, self.session[:8])
             tasks = [asyncio.create_task(self._heartbeats()), asyncio.create_task(self._commands())]
             stop: asyncio.Task[Any] = asyncio.create_task(self._stop.wait())
@@ -132,23 +153,17 @@ class Agent:
                         leaving = True
                 if leaving:
                     # a clean stop says so before leaving: a normal DISCONNECT suppresses the will
-                    await self._publish("state", state_payload("offline", self.session))
+                    await self.outbox.send("state", state_payload("offline", self.session))
             finally:
-                self.connected.clear()
+                self.outbox.detach()
                 self.client = None
                 for t in [*tasks, stop]:
                     t.cancel()
                 await asyncio.gather(*tasks, stop, return_exceptions=True)
 
     # ---- publishing ------------------------------------------------------------------------
-    async def _publish(self, kind: str, payload: dict[str, Any], topic: str | None = None, **kw: Any) -> None:
-        assert self.client is not None
-        qos, retain = NODE_TOPICS[kind]
-        await self.client.publish(topic or self.topics.node(self.node_id, kind), encode(payload),
-                                  qos=qos, retain=retain, **kw)
-
     async def _publish_birth(self) -> None:
-        await self._publish("state", state_payload(
+        await self.outbox.send("state", state_payload(
             "online", self.session, seq=0, hb_interval=self.interval, started=self.started,
             agent={"version": __version__, "proto": list(PROTO_RANGE)}))
         await self._publish_snapshots(force=True)
@@ -177,8 +192,20 @@ class Agent:
         for kind, body in self.snapshots().items():
             key = json.dumps(body, sort_keys=True, default=str)
             if force or self._published.get(kind) != key:
-                await self._publish(kind, {"v": PROTO, "session": self.session, "ts": time.time(), **body})
+                await self.outbox.send(kind, {"v": PROTO, "session": self.session, "ts": time.time(), **body})
                 self._published[kind] = key
+
+    async def _report_now(self) -> None:
+        """Re-probe and publish changed snapshots now (a job's models before its final status); when the
+        connection is down or drops meanwhile, the next heartbeat or birth carries them."""
+        if not self.connected.is_set():
+            return
+        try:
+            await self._refresh()
+            await self._publish_snapshots()
+        except aiomqtt.MqttError as e:
+            log.debug("snapshots deferred to the next heartbeat: %s", e)
+            self.wake.set()
 
     async def _refresh(self) -> None:
         prev_up = self.status.up
@@ -207,7 +234,7 @@ class Agent:
         while True:
             self.wake.clear()
             await self._refresh()
-            await self._publish("heartbeat", self.heartbeat(), properties=fmqtt.expiry(self.cfg, 3 * self.interval))
+            await self.outbox.send("heartbeat", self.heartbeat(), properties=fmqtt.expiry(self.cfg, 3 * self.interval))
             await self._publish_snapshots()
             next_at += self.interval
             with contextlib.suppress(asyncio.TimeoutError):  # woken early by an Ollama state change

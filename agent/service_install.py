@@ -1,8 +1,8 @@
 """Install the agent as a systemd service: write the unit (and an environment file template), print the
 `systemctl` steps. Runs nothing privileged itself, so it can be reviewed before it is applied.
 
-    python -m agent.service_install install [--unit-dir /etc/systemd/system] [--user ollama-fleet] ...
-    python -m agent.service_install print      # the unit on stdout
+    fleet agent-service install [--unit-dir /etc/systemd/system] [--user ollama-fleet] ...
+    fleet agent-service print      # the unit on stdout
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ FLEET_MQTT_URL=mqtt://{user}:change-me@broker.example:1883
 
 def default_exec() -> str:
     found = shutil.which("fleet")
-    return found if found else f"{shlex.quote(sys.executable)} -m fleet.cli"
+    return found if found else f"{shlex.quote(sys.executable)} -m ollama_fleet.cli"
 
 
 def render_unit(user: str = DEFAULT_USER, exec_cmd: str | None = None, env_file: str = DEFAULT_ENV_FILE,

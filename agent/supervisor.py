@@ -56,7 +56,7 @@ def child_env(url: str, base: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def restart_delay(failures: int) -> float:
-    return min(RESTART_MAX, RESTART_BASE * 2 ** max(0, failures - 1))
+    return float(min(RESTART_MAX, RESTART_BASE * 2 ** max(0, failures - 1)))
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec

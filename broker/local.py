@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Literal, Self
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fleet.broker")
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 10.0

@@ -6,7 +6,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import peewee as pw
 from playhouse.db_url import connect
@@ -134,7 +134,7 @@ def init_db(url: str, migrations: Sequence[Migration] = MIGRATIONS) -> pw.Databa
     db.initialize(database)
     with database.connection_context():
         upgrade(database, MODELS, migrations)
-    return database
+    return cast(pw.Database, database)
 
 
 def now() -> float:

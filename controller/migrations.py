@@ -89,7 +89,7 @@ def _double_precision(migrator: SchemaMigrator) -> None:
         reals = {c.name for c in database.get_columns(table) if c.data_type.lower() == "real"}
         for column in columns:
             if column in reals:
-                database.execute_sql(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE DOUBLE PRECISION')
+                database.execute_sql(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE DOUBLE PRECISION')  # type: ignore[no-untyped-call]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -130,7 +130,7 @@ def _schema_lock(database: pw.Database) -> Iterator[None]:
             yield
     elif isinstance(database, pw.PostgresqlDatabase):
         with database.atomic():
-            database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (PG_LOCK_KEY,))  # freed at COMMIT
+            database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (PG_LOCK_KEY,))  # type: ignore[no-untyped-call]  # freed at COMMIT
             yield
     else:  # other Peewee back ends: one transaction, no lock between processes
         with database.atomic():

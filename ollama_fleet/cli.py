@@ -1,27 +1,23 @@
 """`fleet`: the one command. `fleet up` (trial: broker + controller + local agent), `fleet controller`,
-`fleet agent`, `fleet broker passwd`, `fleet settings`."""
+`fleet agent`, `fleet broker passwd`, `fleet settings`. What the long-running ones start is in
+ollama_fleet/launcher.py; each command imports its own code when it runs."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ollama_fleet import __version__
 from ollama_fleet import settings
 from ollama_fleet import log as flog
-from ollama_fleet.settings import AGENT, CONTROLLER, Config, ConfigError
+from ollama_fleet.settings import AGENT, CONTROLLER, ConfigError
 
-log = logging.getLogger("fleet")
+# light: argparse only; the database layer is imported when `fleet keys` runs
+from ollama_fleet.controller.proxy import keys_cli
 
 # Subcommands that other modules add (e.g. `fleet keys`), name -> (help, configure(parser), run(args))
 EXTRA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-from ollama_fleet.controller.proxy import keys_cli  # noqa: E402  (light: imports the database layer only when run)
-
 EXTRA_COMMANDS["keys"] = (keys_cli.HELP, keys_cli.configure, keys_cli.run)
 
 
@@ -69,32 +65,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_controller(cfg: Config, with_local_agent: bool) -> int:
-    from ollama_fleet.controller.app import create_app
-
-    app = create_app(cfg, with_local_agent=with_local_agent)
-    log.info("controller listening on http://%s:%s (dashboard /dashboard, API docs /docs)", cfg.host, cfg.port)
-    from ollama_fleet.controller.edge.timeouts import DeadlineProtocol    # header and body deadlines for slow clients
-
-    app.run(host=cfg.host, port=int(cfg.port), single_process=True, access_log=False, motd=False,
-            protocol=DeadlineProtocol)
-    return 0
-
-
-def run_agent(cfg: Config) -> int:
-    from ollama_fleet.agent.service import Agent
-
-    async def main() -> None:
-        agent = Agent(cfg)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, agent.stop)
-        await agent.run()
-
-    asyncio.run(main())
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -121,9 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         scopes = {"up": (CONTROLLER, AGENT), "controller": (CONTROLLER,), "agent": (AGENT,)}[args.command]
         cfg = settings.load(scopes, args)
         flog.setup(cfg.log_level, cfg.log_format)
+        from ollama_fleet import launcher
+
         if args.command == "agent":
-            return run_agent(cfg)
-        return run_controller(cfg, with_local_agent=args.command == "up" and cfg.local_agent)
+            return launcher.run_agent(cfg)
+        return launcher.run_controller(cfg, local_agent=args.command == "up" and cfg.local_agent)
     except ConfigError as e:
         print(f"fleet: configuration error: {e}", file=sys.stderr)
         return 2

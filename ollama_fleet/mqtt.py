@@ -13,12 +13,13 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ollama_fleet.settings import Config, ConfigError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fleet.mqtt")  # logger names are public: log filters and tests name them
 
 RECONNECT_MIN = 0.5  # seconds; module level so tests can shrink them
 RECONNECT_MAX = 30.0
@@ -54,7 +55,7 @@ class BrokerAddress:
 
 
 def protocol(cfg: Config) -> aiomqtt.ProtocolVersion:
-    return aiomqtt.ProtocolVersion.V5 if str(cfg.mqtt_protocol) == "5" else aiomqtt.ProtocolVersion.V311
+    return aiomqtt.ProtocolVersion.V5 if cfg.mqtt_protocol == "5" else aiomqtt.ProtocolVersion.V311
 
 
 def client_kwargs(cfg: Config, identifier: str, will: aiomqtt.Will | None = None) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def client_kwargs(cfg: Config, identifier: str, will: aiomqtt.Will | None = None
         password=addr.password,
         identifier=identifier,
         protocol=protocol(cfg),
-        keepalive=int(cfg.mqtt_keepalive),
+        keepalive=cfg.mqtt_keepalive,
         will=will,
         timeout=10,
         max_queued_incoming_messages=0,
@@ -79,7 +80,7 @@ def client_kwargs(cfg: Config, identifier: str, will: aiomqtt.Will | None = None
 def tls_context(cfg: Config) -> ssl.SSLContext:
     """Verifying TLS context for mqtts://: the CA file when given, else the system's trust store; the
     certificate and the host name are always checked."""
-    ca_file = str(cfg.mqtt_ca_file or "")
+    ca_file = cfg.mqtt_ca_file
     try:
         return ssl.create_default_context(cafile=ca_file or None)
     except (OSError, ssl.SSLError) as e:
@@ -88,9 +89,9 @@ def tls_context(cfg: Config) -> ssl.SSLContext:
 
 def expiry(cfg: Config, seconds: float) -> Properties | None:
     """MQTT5 message expiry so stale heartbeats/progress are never served late; None on 3.1.1."""
-    if str(cfg.mqtt_protocol) != "5":
+    if cfg.mqtt_protocol != "5":
         return None
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
     props.MessageExpiryInterval = max(1, int(seconds))
     return props
 
@@ -136,7 +137,7 @@ def direct_dispatch(client: aiomqtt.Client, handler: Callable[[str, bytes], None
         try:
             for _ in range(READ_BATCH):
                 rc = paho._packet_read()
-                if rc == mqtt.MQTTErrorCode.MQTT_ERR_AGAIN:
+                if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
                     return
                 if rc > 0:
                     paho._loop_rc_handle(rc)

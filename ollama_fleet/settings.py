@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
+
+from ollama_fleet._settings_fields import SettingsFields
 
 CONTROLLER = "controller"
 AGENT = "agent"
@@ -31,6 +34,11 @@ class Setting:
     def has_flag(self) -> bool:
         """Secrets never travel in argv: only URL settings keep a flag, and refuse a password in it."""
         return not self.secret or self.type is str and self.name.endswith("_url")
+
+    @property
+    def kind(self) -> str:
+        """The type as users write it: a tuple setting is a list (comma-separated, or a TOML array)."""
+        return "list" if self.type is tuple else self.type.__name__
 
     @property
     def env(self) -> str:
@@ -80,10 +88,10 @@ SETTINGS: tuple[Setting, ...] = (
        C, secret=True),
     _s("viewer_token", str, "", "Read-only token: with it (Bearer or dashboard login) the dashboard and the "
        "read endpoints work, nothing changes (docs/security.md). Needs `admin_token`.", C, secret=True),
-    _s("allowed_origins", list, [], "Browser origins (besides the controller's own) allowed to call the API, "
+    _s("allowed_origins", tuple, (), "Browser origins (besides the controller's own) allowed to call the API, "
        "comma-separated; `*` wildcards as in OLLAMA_ORIGINS, e.g. `http://localhost:*`. Any other "
        "`Origin` gets 403 (docs/security.md).", C),
-    _s("trusted_proxies", list, [], "Addresses or CIDRs of TLS-terminating reverse proxies whose "
+    _s("trusted_proxies", tuple, (), "Addresses or CIDRs of TLS-terminating reverse proxies whose "
        "`X-Forwarded-For`/`X-Forwarded-Proto` are believed (client address, `Secure` cookies). "
        "Comma-separated.", C),
     _s("max_body_bytes", int, 64 * 1024 * 1024, "Largest request body accepted, in bytes (413 above it).", C),
@@ -112,7 +120,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("job_step_timeout", float, 120.0, "Seconds a dispatched job may go without a status update before it "
        "fails with `timed_out` (agents report at least every 5 s while working).", C),
     _s("models_catalogue_file", str, "", "JSON catalogue of models offered by `GET /api/models/available` "
-       "(default: the shipped `controller/catalogue.json`).", C),
+       "(default: the shipped `controller/jobs/catalogue.json`).", C),
     # --- agent ---
     _s("node_id", str, "", "Agent identity (default: hostname + Ollama port). One agent per Ollama.", A),
     _s("ollama_url", str, "http://127.0.0.1:11434", "The Ollama this agent reports on and manages.", A),
@@ -147,7 +155,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("pull_default_model", bool, False, "Pull a default model, chosen by GPU memory (or RAM), once Ollama is up.", A),
     _s("default_model", str, "", "The default model to pull (default: chosen from the model tiers).", A),
     _s("model_tiers_file", str, "", "JSON file of memory tiers -> models (default: the shipped "
-       "`fleet/model_tiers.json`).", BOTH),
+       "`ollama_fleet/model_tiers.json`).", BOTH),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -157,43 +165,43 @@ class ConfigError(ValueError):
     """A setting has a value we cannot use."""
 
 
-class Config:
-    """Resolved settings; attribute access, plus where each value came from (for `fleet settings`)."""
+@dataclass(frozen=True, kw_only=True)
+class Config(SettingsFields):
+    """Resolved settings: one typed, read-only attribute per row of SETTINGS (the fields are generated from
+    the table into _settings_fields.py), plus where each value came from (for `fleet settings`)."""
 
-    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> None:
-        self._values = dict(values)
-        self._sources = dict(sources or {})
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._values[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._values.get(name, default)
+    sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def replace(self, **changes: Any) -> Config:
+        """A copy with some settings changed in code; values are checked and coerced as if read from a file."""
         for k in changes:
             if k not in BY_NAME:
                 raise ConfigError(f"unknown setting {k!r}")
-        return Config({**self._values, **changes}, {**self._sources, **{k: "code" for k in changes}})
+        values = {s.name: getattr(self, s.name) for s in SETTINGS}
+        values.update({k: coerce(BY_NAME[k], v) for k, v in changes.items()})
+        return Config(**values, sources={**self.sources, **{k: "code" for k in changes}})
 
     def as_dict(self, redact: bool = True) -> dict[str, Any]:
         out = {}
-        for k, v in self._values.items():
-            out[k] = "***" if redact and BY_NAME[k].secret and v else v
+        for s in SETTINGS:
+            value = getattr(self, s.name)
+            out[s.name] = "***" if redact and s.secret and value else _plain(value)
         return out
 
     def source(self, name: str) -> str:
-        return self._sources.get(name, "default")
+        return self.sources.get(name, "default")
 
     @property
     def data_path(self) -> Path:
-        if self._values.get("data_dir"):
-            return Path(self._values["data_dir"]).expanduser()
+        if self.data_dir:
+            return Path(self.data_dir).expanduser()
         base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
         return Path(base) / "ollama-fleet"
+
+
+def _plain(value: Any) -> Any:
+    """How a value is shown to people (help, `fleet settings`): a list setting as a list, as in TOML."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def coerce(setting: Setting, raw: Any) -> Any:
@@ -208,12 +216,15 @@ def coerce(setting: Setting, raw: Any) -> Any:
                 value = False
             else:
                 raise ValueError(raw)
-        elif setting.type is list:
-            value = list(raw) if isinstance(raw, (list, tuple)) else [x.strip() for x in str(raw).split(",") if x.strip()]
+        elif setting.type is tuple:  # a list of strings: comma-separated in env and flags, an array in TOML
+            if isinstance(raw, (list, tuple)):
+                value = tuple(str(x) for x in raw)
+            else:
+                value = tuple(x.strip() for x in str(raw).split(",") if x.strip())
         else:
             value = setting.type(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{setting.name}: cannot read {raw!r} as {setting.type.__name__}") from None
+        raise ConfigError(f"{setting.name}: cannot read {raw!r} as {setting.kind}") from None
     if setting.choices and str(value) not in setting.choices:
         raise ConfigError(f"{setting.name}: {value!r} is not one of {', '.join(setting.choices)}")
     return value
@@ -240,11 +251,11 @@ def add_arguments(parser: argparse.ArgumentParser, scopes: Iterable[str]) -> Non
     for s in settings_for(scopes):
         if not s.has_flag:
             continue
-        help_ = f"{s.help} [env {s.env}; default {s.default!r}]"
+        help_ = f"{s.help} [env {s.env}; default {_plain(s.default)!r}]"
         if s.type is bool:
             parser.add_argument(s.flag, dest=s.name, default=None, action=argparse.BooleanOptionalAction, help=help_)
         else:
-            parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.type.__name__.upper(), help=help_)
+            parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.kind.upper(), help=help_)
 
 
 def load(
@@ -287,14 +298,14 @@ def load(
                                   f"set {s.env} or a config file instead")
             value, source = coerce(s, given[s.name]), "flag"
         values[s.name], sources[s.name] = value, source
-    return Config(values, sources)
+    return Config(**values, sources=sources)
 
 
 def markdown_table(scopes: Iterable[str] = BOTH) -> str:
     """The configuration table in the README is generated from here (a test keeps it in sync)."""
     rows = ["| setting | flag | environment | default | used by | meaning |", "|---|---|---|---|---|---|"]
     for s in settings_for(scopes):
-        default = "" if s.default in ("", None, []) else f"`{s.default}`"
+        default = "" if s.default in ("", None, ()) else f"`{s.default}`"
         used = ", ".join(sorted(s.scopes))
         flag = f"`{s.flag}`" if s.has_flag else "(env or file only)"
         rows.append(f"| `{s.name}` | {flag} | `{s.env}` | {default} | {used} | {s.help} |")

@@ -1,8 +1,9 @@
 """A faithful fake Ollama HTTP server for tests (the project's only stand-in for Ollama).
 
-Follows shared/reference/ollama-api.md: native NDJSON API, pull progress, OpenAI-compatible /v1 (SSE),
-error shapes. Behaviour is configurable at construction and at runtime via ``POST /_fake/config``
-(keys: DEFAULT_CONFIG; unknown keys are a 400); counters for assertions come from ``GET /_fake/stats``;
+Follows Ollama's API documentation (https://github.com/ollama/ollama/blob/main/docs/api.md): native
+NDJSON API, pull progress, OpenAI-compatible /v1 (SSE), error shapes. Behaviour is configurable at
+construction and at runtime via ``POST /_fake/config`` (keys: DEFAULT_CONFIG; unknown keys are a 400);
+counters for assertions come from ``GET /_fake/stats``;
 ``POST /_fake/reset`` clears the stats (``{"config": true}`` also restores the initial config/models).
 The instance name is echoed in generated text ("fake-<name> tok1 ...") and in the ``X-Fake-Name`` header.
 

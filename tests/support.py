@@ -49,7 +49,7 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
 
 
 class Proc:
-    """A fleet process (`python -m fleet.cli ...`) with its log in a file."""
+    """A fleet process (`python -m ollama_fleet.cli ...`) with its log in a file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.args, self.env, self.log_path = args, env, log_path

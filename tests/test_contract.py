@@ -2,10 +2,10 @@
 
 * every schema is a valid draft 2020-12 schema that types every field it names;
 * payloads built by the real agent (fake Ollama, fake NVML, a recording stand-in for the MQTT client)
-  validate against the schemas, use the QoS/retain of `fleet.protocol.NODE_TOPICS`, and are applied
+  validate against the schemas, use the QoS/retain of `protocol.NODE_TOPICS`, and are applied
   by the real controller ingest without a single drop;
-* `fleet.protocol.decode` + `check` accept what the schemas accept and reject what they reject, with
-  the few deliberate leniencies listed in SCHEMA_ONLY (and in specs/mqtt.md);
+* `protocol.decode` + `check` (ollama_fleet.contract.protocol) accept what the schemas accept and
+  reject what they reject, with the few deliberate leniencies listed in SCHEMA_ONLY (and in specs/mqtt.md);
 * the liveness rules the spec states (sessions, wills, rebirth, stale, snapshots before state);
 * specs/mqtt.md's topic table, ACL copy, defaults and shell examples match the code.
 
@@ -59,7 +59,7 @@ NODE = "gpu-01"
 MAX = 65536
 TOPICS = Topics()
 
-# Fields the schemas require but fleet.protocol.check() lets through; specs/mqtt.md lists each one
+# Fields the schemas require but protocol.check() lets through; specs/mqtt.md lists each one
 # ("What the controller requires of each payload"). A path the check starts to reject must leave
 # this table, a new leniency must enter it: either way the test below fails until both agree.
 SCHEMA_ONLY = {
@@ -659,7 +659,7 @@ async def test_agent_payloads_with_ollama_unreachable() -> None:
 
 
 def test_real_job_status_documents_validate() -> None:
-    from ollama_fleet.agent.progress import JobStatus, Meter
+    from ollama_fleet.agent.progress import JobReport, Meter
 
     docs: list[dict[str, Any]] = []
     now = [100.0]
@@ -667,7 +667,7 @@ def test_real_job_status_documents_validate() -> None:
     def clock() -> float:
         return now[0]
 
-    pull = JobStatus("default-qwen2.5-0.5b-1735731100", "model.pull", docs.append, clock=clock, origin="default",
+    pull = JobReport("default-qwen2.5-0.5b-1735731100", "model.pull", docs.append, clock=clock, origin="default",
                      args={"model": "qwen2.5:0.5b"})
     pull.start(phase="pulling manifest")
     meter = Meter(clock=clock)
@@ -679,7 +679,7 @@ def test_real_job_status_documents_validate() -> None:
     now[0] += 2
     meter.update(1000)
     pull.finish(True, meter=meter)
-    install = JobStatus("ollama-install-0.12.6-1735731000", "ollama.install", docs.append, clock=clock,
+    install = JobReport("ollama-install-0.12.6-1735731000", "ollama.install", docs.append, clock=clock,
                         args={"version": "0.12.6", "asset": "ollama-linux-amd64.tgz"})
     install.start(phase="checksum")
     install.finish(False, error="sha256 mismatch")

@@ -64,16 +64,10 @@ def test_catalogue_is_realistic():
 def test_distributor_reads_memory_from_override_then_nvml_then_ram(tmp_path):
     from ollama_fleet.controller.jobs.distribution import Distributor
 
-    class FleetStub:  # only the attributes Distributor reads; the registry is the real one
-        def __init__(self) -> None:
-            from ollama_fleet.settings import load
-            self.cfg = load(["controller"], env={})
-            from ollama_fleet.controller.registry.live import Registry
-            self.registry = Registry(Hub())
-            self.hub = self.registry.hub
+    from ollama_fleet.controller.registry.live import Registry
+    from ollama_fleet.settings import load
 
-    fleet = FleetStub()
-    d = Distributor(fleet, None, load_catalogue(), load_tiers())  # type: ignore[arg-type]
+    d = Distributor(load(["controller"], env={}), Registry(Hub()), None, load_catalogue(), load_tiers())  # type: ignore[arg-type]
     a = AgentRecord("n", 0, 0, info={"mem_total": 32 * GB}, gpus=[{"index": 0, "mem_total": 12 * GB}])
     assert d.memory(a) == (12 * GB, 32 * GB) and d.tier_models(a) == ["llama3.1:8b"]
     a.info["gpu_mem_override"] = 24 * GB

@@ -1,6 +1,6 @@
 """Fuzzing the MQTT payload decoding with hypothesis (issue 9): `Ingest.handle(topic, payload)` is what
-turns every message the broker delivers into registry updates (fleet.protocol.decode + check, then the
-Registry handlers).
+turns every message the broker delivers into registry updates (ollama_fleet.contract.protocol decode +
+check, then the Registry handlers).
 
 Properties:
 * arbitrary bytes and arbitrary JSON (deep, wrong types, lone surrogates, NUL, huge numbers) never raise

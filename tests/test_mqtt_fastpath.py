@@ -1,6 +1,6 @@
-"""Direct tests of the MQTT fast path, `fleet.mqtt.direct_dispatch` (issue 10): it hands paho's messages
-straight to a handler and reads every buffered packet per socket wake-up, leaning on aiomqtt 2.x / paho
-internals. Exercised here without the controller process, against the real Mosquitto with the shipped
+"""Direct tests of the MQTT fast path, `ollama_fleet.mqtt.direct_dispatch` (issue 10): it hands paho's
+messages straight to a handler and reads every buffered packet per socket wake-up, leaning on aiomqtt
+2.x / paho internals. Exercised here without the controller process, against the real Mosquitto with the shipped
 config: a burst of QoS 0 and QoS 1 messages reaches the handler exactly once and in order per topic,
 with several packets drained per wake-up; a handler that raises costs only its own message; the broker
 kicking the client (client-id takeover) and a broker restart on the same port surface as aiomqtt's
@@ -78,7 +78,7 @@ def cfg_for(mq: MosquittoProcess, user: str, proto: str = "5") -> Config:
 @asynccontextmanager
 async def session(mq: MosquittoProcess, user: str, topic: str, sink: Sink,
                   proto: str = "5") -> AsyncIterator[tuple[aiomqtt.Client, asyncio.Task[None]]]:
-    """A subscriber like controller/ingest.py: the fast path delivers, `client.messages` only watches
+    """A subscriber like controller/registry/ingest.py: the fast path delivers, `client.messages` only watches
     the connection (the task ends with MqttError when the session ends). The fast path goes in before
     the subscription: retained messages can come in the same read as the SUBACK."""
     async with aiomqtt.Client(**fmqtt.client_kwargs(cfg_for(mq, user, proto), user)) as client:

@@ -1,7 +1,7 @@
 """MQTT over TLS end to end (issue 9): a CA and a server certificate made with `openssl` here, the
 real Mosquitto with the shipped config plus a TLS listener, and the real controller and agent speaking
 `mqtts://` with `mqtt_ca_file`. The agent showing up online (and its heartbeats going on) in the
-controller's /api/agents proves the controller's fast ingest path (fleet.mqtt.direct_dispatch) reads
+controller's /api/agents proves the controller's fast ingest path (ollama_fleet.mqtt.direct_dispatch) reads
 a TLS socket. A client that trusts another CA, or only the system's CAs, is refused.
 """
 
@@ -144,7 +144,7 @@ def _handshake(ctx: ssl.SSLContext, port: int) -> None:
 
 
 def test_a_client_trusting_another_ca_is_refused(tls_broker: TlsBroker) -> None:
-    """The TLS context our clients get from fleet.mqtt.client_kwargs refuses the broker unless it
+    """The TLS context our clients get from ollama_fleet.mqtt.client_kwargs refuses the broker unless it
     trusts the broker's CA. (Checked on a bare socket: paho leaks its socket when a handshake fails,
     which pytest's warnings-as-errors would turn into a failure of its own.)"""
     for ca in (str(tls_broker.wrong_ca), ""):  # another CA; the system's CAs only

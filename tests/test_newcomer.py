@@ -110,7 +110,7 @@ def test_readme_try_it_names_ollama_the_tier_models_and_the_off_switch():
     readme = (ROOT / "README.md").read_text()
     try_it = readme.split("## Try it", 1)[1].split("\n## ", 1)[0]
     for words in ("--install-ollama", "--manage-ollama", "--no-auto-distribute", "FLEET_AUTO_DISTRIBUTE=0",
-                  "fleet/model_tiers.json"):
+                  "ollama_fleet/model_tiers.json"):
         assert words in try_it, words
     flat, catalogue = " ".join(try_it.split()), load_catalogue()
     for tier in load_tiers().tiers:  # the shipped table and the download sizes it names stay true

@@ -478,9 +478,10 @@ async def test_install_proceeds_while_the_broker_is_unreachable(tmp_path: Path, 
     async with running_agent(cfg) as agent:
         await until(lambda: agent.manager.state == "up", 30, "Ollama up without a broker")
         assert not agent.connected.is_set()
-        assert [e["event"] for e in agent.manager._pending_events][:2] == ["ollama_install_started",
-                                                                            "ollama_installed"]
-        assert next(iter(agent.manager._pending_jobs.values()))["status"] == "completed"  # kept for the broker
+        waiting = agent.outbox.pending()
+        assert [m.payload["event"] for m in waiting if m.kind == "events"][:2] == ["ollama_install_started",
+                                                                                   "ollama_installed"]
+        assert next(m.payload for m in waiting if m.kind == "jobs")["status"] == "completed"  # kept for the broker
         pid = agent.manager.supervisor.pid if agent.manager.supervisor else None
         assert pid and pid_alive(pid)
     assert not pid_alive(pid)

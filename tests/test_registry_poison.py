@@ -1,10 +1,11 @@
 """Poison-proof registry persistence (issue 9, item 3).
 
 Two independent defences, each tested on its own:
-* text is made safe where MQTT payloads enter (controller/ingest.py + fleet/protocol.py): a real
-  controller and a real agent on the shipped Mosquitto config, hostile payloads published with a node's
-  own credentials; later edits still persist and /api/events still answers;
-* one bad row can never block a batch (controller/store.py apply_batch): rows that bypass the
+* text is made safe where MQTT payloads enter (controller/registry/ingest.py +
+  ollama_fleet/contract/protocol.py): a real controller and a real agent on the shipped Mosquitto
+  config, hostile payloads published with a node's own credentials; later edits still persist and
+  /api/events still answers;
+* one bad row can never block a batch (controller/registry/store.py apply_batch): rows that bypass the
   sanitiser are forced into a Batch and written to a real SQLite database.
 """
 

@@ -1,4 +1,4 @@
-"""controller/throttle.py on its own clock: the sliding windows, the fleet-wide budget and its exemption
+"""controller/edge/throttle.py on its own clock: the sliding windows, the fleet-wide budget and its exemption
 for clients already at work, and bounded memory. (End to end: tests/test_security_http.py.)"""
 
 from __future__ import annotations

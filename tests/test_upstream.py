@@ -1,6 +1,6 @@
-"""Direct tests of controller/upstream.py, the hand-made controller -> Ollama HTTP/1.1 client, against a raw
-asyncio server written here that misbehaves on purpose: resets, half-closed keep-alives, silence, trickling
-and large bodies, malformed and cut-off answers.
+"""Direct tests of controller/proxy/upstream.py, the hand-made controller -> Ollama HTTP/1.1 client,
+against a raw asyncio server written here that misbehaves on purpose: resets, half-closed keep-alives,
+silence, trickling and large bodies, malformed and cut-off answers.
 
 The proxy suites exercise the client end to end through Ollama's stand-in; these pin its own contract: what
 it returns, what it raises (UpstreamError as ConnectError, ReadTimeout or ProtocolError, nothing else),
@@ -36,7 +36,7 @@ CONNECT_TIMEOUT = 0.3  # seconds, the pool's
 READ_TIMEOUT = 0.5  # seconds, the pool's idle read timeout
 DEADLINE = 10.0  # seconds any polled condition may take before the test fails (never reached when green)
 POLL = 0.005
-PIECE = 256 * 1024  # what controller/body.py sends per piece
+PIECE = 256 * 1024  # what controller/edge/body.py sends per piece
 ASYNCIO_READ = 256 * 1024  # most bytes one read of an asyncio socket transport hands to the protocol
 BLOCK = random.Random(10).randbytes((1 << 20) + 7)  # body pattern; its period is no multiple of a piece
 BLOCK2 = BLOCK + BLOCK
@@ -61,7 +61,8 @@ def digest_of(size: int) -> str:
 
 
 class Source:
-    """A BodySource as controller/body.py hands one over: a size, and pieces from the start on each call."""
+    """A BodySource as controller/edge/body.py hands one over: a size, and pieces from the start on each
+    call."""
 
     def __init__(self, size: int, piece: int = PIECE) -> None:
         self.size = size

@@ -10,7 +10,11 @@ from sanic import Blueprint, Request, json
 from sanic.response import HTTPResponse
 from sanic_ext import openapi
 
+from ollama_fleet.contract.status import ALL
+
+from ollama_fleet.controller import readmodel
 from ollama_fleet.controller.registry import store
+from ollama_fleet.controller.compose import fleet_of
 from ollama_fleet.controller.edge.access import require_admin
 from ollama_fleet.controller.edge.http import error, json_body
 from ollama_fleet.controller.edge.params import ParamError, float_param, int_param, text_param
@@ -18,46 +22,32 @@ from ollama_fleet.controller.registry.live import AgentRecord
 
 bp = Blueprint("agents")
 
-STATES = ("online", "offline", "lost", "stale", "ollama_down")
 MAX_TAGS, MAX_TAG_LEN, MAX_NAME_LEN, MAX_NOTES_LEN = 32, 40, 80, 4000
 EVENTS_MAX = 1000  # events in one page
 
 
-def _fleet(request: Request) -> Any:
-    return request.app.ctx.fleet
-
-
 def _agent(request: Request, agent_id: str) -> AgentRecord | HTTPResponse:
-    a = _fleet(request).registry.agents.get(agent_id)
+    a = fleet_of(request).registry.agents.get(agent_id)
     return a if a is not None else error(404, f"agent '{agent_id}' not found")
-
-
-def totals(agents: list[AgentRecord]) -> dict[str, Any]:
-    by_status: dict[str, int] = {s: 0 for s in STATES}
-    for a in agents:
-        by_status[a.status] = by_status.get(a.status, 0) + 1
-    return {"agents": len(agents), "routable": sum(a.routable for a in agents), **by_status}
 
 
 @bp.get("/api/agents")
 @openapi.summary("List agents")
-@openapi.description("Every agent in the registry. Filters: `status` (online, offline, lost, stale, "
-                     "ollama_down; comma-separated), `q` (substring of id, name, host, IP or tag).")
+@openapi.description(f"Every agent in the registry. Filters: `status` ({', '.join(ALL)}; comma-separated; "
+                     "`online` includes agents whose Ollama is down), `q` (substring of id, name, host, IP "
+                     "or tag).")
 async def list_agents(request: Request) -> HTTPResponse:
     try:
         status, q = text_param(request.args, "status"), (text_param(request.args, "q") or "").lower()
     except ParamError as e:
         return error(400, str(e))
-    agents = sorted(_fleet(request).registry.agents.values(), key=lambda a: a.name)
-    everything = totals(agents)
-    if status:
-        wanted = set(status.split(","))
-        agents = [a for a in agents if a.status in wanted or a.state in wanted]
-    if q:
-        agents = [a for a in agents if q in " ".join([a.node_id, a.name, a.hostname, *a.info.get("ips", []),
-                                                      *a.tags]).lower()]
+    registry = fleet_of(request).registry
+    c = readmodel.fleet_counts(registry.agents.values())
+    agents = readmodel.find_agents(registry, readmodel.AgentFilter(
+        frozenset(status.split(",")) if status else frozenset(), q, state_too=True))
     now = time.time()
-    return json({"agents": [a.to_json(now) for a in agents], "totals": everything})
+    return json({"agents": [a.to_json(now) for a in agents],
+                 "totals": {"agents": c.total, "routable": c.routable, **c.by_status}})
 
 
 @bp.get("/api/agents/<agent_id:str>")
@@ -75,8 +65,7 @@ async def agent_models(request: Request, agent_id: str) -> HTTPResponse:
     a = _agent(request, agent_id)
     if isinstance(a, HTTPResponse):
         return a
-    loaded = {m["name"] for m in a.loaded}
-    models = [{**m, "loaded": m["name"] in loaded} for m in a.models]
+    models = readmodel.agent_models(a)
     return json({"agent_id": a.node_id, "models": models, "count": len(models)})
 
 
@@ -90,7 +79,7 @@ async def agent_metrics(request: Request, agent_id: str) -> HTTPResponse:
         since = float_param(request.args, "since", time.time() - 3600)
     except ParamError:
         return error(400, "since must be epoch seconds")
-    fleet = _fleet(request)
+    fleet = fleet_of(request)
     return json({"agent_id": a.node_id, "samples": await fleet.store.read(store.query_metrics, a.node_id, since)})
 
 
@@ -124,7 +113,7 @@ async def agent_settings(request: Request, agent_id: str) -> HTTPResponse:
     parsed = _settings_body(body)
     if isinstance(parsed, str):
         return error(400, parsed)
-    return json(_fleet(request).registry.update_settings(agent_id, *parsed).to_json())
+    return json(fleet_of(request).registry.update_settings(agent_id, *parsed).to_json())
 
 
 @bp.post("/api/agents/<agent_id:str>/disconnect")
@@ -143,7 +132,7 @@ async def disconnect_agent(request: Request, agent_id: str) -> HTTPResponse:
     if pause is not None and (isinstance(pause, bool) or not isinstance(pause, (int, float))
                               or not 0 < pause <= 86400):
         return error(400, "pause_s must be a number of seconds between 0 and 86400")
-    fleet = _fleet(request)
+    fleet = fleet_of(request)
     try:
         await fleet.ingest.publish_command(agent_id, "agent.disconnect", {"pause_s": pause} if pause else {})
     except aiomqtt.MqttError as e:
@@ -158,7 +147,7 @@ async def delete_agent(request: Request, agent_id: str) -> HTTPResponse:
     a = _agent(request, agent_id)
     if isinstance(a, HTTPResponse):
         return a
-    fleet = _fleet(request)
+    fleet = fleet_of(request)
     try:
         await fleet.ingest.clear_retained(agent_id)
     except aiomqtt.MqttError as e:
@@ -177,7 +166,7 @@ async def events(request: Request) -> HTTPResponse:
         agent, kind = text_param(request.args, "agent"), text_param(request.args, "kind")
     except ParamError as e:
         return error(400, str(e))
-    fleet = _fleet(request)
+    fleet = fleet_of(request)
     await fleet.flush_registry()  # read-your-writes for events just emitted
     rows = await fleet.store.read(store.query_events, agent, kind, since, limit, before)
     return json({"events": rows, "next_before": rows[-1]["id"] if len(rows) == limit else None})
@@ -186,7 +175,7 @@ async def events(request: Request) -> HTTPResponse:
 @bp.get("/api/ingest")
 @openapi.summary("MQTT ingest counters: received, dropped by reason, heartbeat latency")
 async def ingest_stats(request: Request) -> HTTPResponse:
-    fleet = _fleet(request)
+    fleet = fleet_of(request)
     s = fleet.store
     return json({**fleet.ingest.stats(), "hub_dropped": fleet.hub.dropped,
                  "store": {"flushes": s.flushes, "rows_written": s.rows_written,
@@ -197,7 +186,7 @@ async def ingest_stats(request: Request) -> HTTPResponse:
 @bp.get("/healthz")
 @openapi.summary("Liveness and readiness: 200 when the broker and database are reachable")
 async def healthz(request: Request) -> HTTPResponse:
-    fleet = _fleet(request)
+    fleet = fleet_of(request)
     mqtt_ok = fleet.ingest.connected.is_set()
     try:
         await fleet.store.read(store.count_agents)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from sanic import Sanic
+from ollama_fleet.controller.edge.http import App
 from sanic_ext.extensions.openapi.builders import OperationStore
 from sanic_ext.extensions.openapi.definitions import Parameter, RequestBody
 
+from ollama_fleet.contract.status import ALL
+from ollama_fleet.controller.readmodel import AGENT_SORTS
 from ollama_fleet.controller.api.agents import EVENTS_MAX, MAX_NAME_LEN, MAX_NOTES_LEN, MAX_TAG_LEN, MAX_TAGS
 from ollama_fleet.controller.api.models import MAX_PAGE
 from ollama_fleet.controller.edge.params import INT_MAX, PARAM_MAX_LEN
@@ -110,15 +112,14 @@ REQUEST_FILTERS: list[tuple[str, S, str]] = [
     ("since", TIME, "from this time"), ("until", TIME, "before this time"),
 ]
 AGENT_VIEW: list[tuple[str, S, str]] = [
-    ("status", {"type": "string", "enum": ["online", "offline", "lost", "stale", "ollama_down"]}, "agent status"),
+    ("status", {"type": "string", "enum": list(ALL)}, "agent status"),
     ("q", TEXT, "substring of id, name, host, IP or tag"),
-    ("sort", {"type": "string", "enum": ["name", "status", "host", "ip", "version", "uptime", "gpus", "vram",
-                                         "models", "in_flight", "requests"]}, "sort column"),
+    ("sort", {"type": "string", "enum": list(AGENT_SORTS)}, "sort column"),
     ("dir", {"type": "string", "enum": ["asc", "desc"]}, "sort direction"),
 ]
 # route name -> query parameters: (name, schema, description)
 QUERY: dict[str, list[tuple[str, S, str]]] = {
-    "agents.list_agents": [("status", CSV, "online, offline, lost, stale, ollama_down"),
+    "agents.list_agents": [("status", CSV, ", ".join(ALL)),
                            ("q", TEXT, "substring of id, name, host, IP or tag")],
     "agents.agent_metrics": [("since", EPOCH, "from this time (default: one hour ago)")],
     "agents.events": [("agent", TEXT, "agent id"), ("kind", TEXT, "event kind"), ("since", EPOCH, "from this time"),
@@ -161,9 +162,10 @@ def _raw(schema: S) -> Any:
     return schema
 
 
-def document(app: Sanic) -> None:
-    """Attach the tables above to the routes' OpenAPI operations (before sanic-ext builds the document)."""
-    store = OperationStore()
+def document(app: App) -> None:
+    """Attach the tables above to the routes' OpenAPI operations: once every route exists, before sanic-ext
+    builds the document (its builder runs last among the before_server_start listeners, priority -1000)."""
+    store = OperationStore()  # type: ignore[no-untyped-call]  # sanic-ext leaves it unannotated
     for route in app.router.routes:
         name = route.name.split(".", 1)[1]
         op = store[route.handler]
@@ -182,7 +184,3 @@ def document(app: Sanic) -> None:
                 op.parameters.append(Parameter(p.name, _raw({"type": "string", "minLength": 1}), "path",
                                                description=PATH_PARAMS.get(p.name, p.name), required=True))
 
-
-def install(app: Sanic) -> None:
-    # default priority: before sanic-ext's spec builder (priority -1000), after every route exists
-    app.before_server_start(lambda app: document(app))

@@ -14,11 +14,13 @@ from sanic_ext import openapi
 
 from ollama_fleet.contract.model_names import normalize, valid_model_name
 
+from ollama_fleet.controller import readmodel
+from ollama_fleet.controller.compose import fleet_of
 from ollama_fleet.controller.edge.access import require_admin
-from ollama_fleet.controller.jobs.catalogue import estimate_memory
 from ollama_fleet.controller.jobs.distribution import DistributionError, Distributor, has_model
 from ollama_fleet.controller.edge.http import error, json_body
-from ollama_fleet.controller.jobs.ledger import STATUSES, JobLedger
+from ollama_fleet.contract.jobs import STATUSES
+from ollama_fleet.controller.jobs.ledger import JobLedger
 from ollama_fleet.controller.edge.params import ParamError, int_param, text_param
 
 bp = Blueprint("models")
@@ -27,11 +29,11 @@ MAX_PAGE = 500
 
 
 def _dist(request: Request) -> Distributor:
-    return request.app.ctx.fleet.distributor
+    return fleet_of(request).distributor
 
 
 def _ledger(request: Request) -> JobLedger:
-    return request.app.ctx.fleet.jobs
+    return fleet_of(request).jobs
 
 
 def _flag(body: dict[str, Any], name: str) -> bool | HTTPResponse:
@@ -59,25 +61,16 @@ async def available(request: Request) -> HTTPResponse:
     except ParamError as e:
         return error(400, str(e))
     dist = _dist(request)
-    installed: dict[str, dict[str, Any]] = {}
-    for a in sorted(dist.registry.agents.values(), key=lambda a: a.node_id):
-        for m in a.models:
-            entry = installed.setdefault(normalize(m["name"]), {"name": m["name"], "size": m.get("size") or 0,
-                                                               "details": m.get("details") or {}, "agents": []})
-            entry["agents"].append(a.node_id)
-    models = []
-    for c in dist.catalogue.models:
-        entry = installed.pop(normalize(c.name), {"agents": []})
-        models.append({**c.to_json(), "installed_on": entry["agents"], "source": "catalogue"})
-    for entry in installed.values():
-        models.append({"name": entry["name"], "size": entry["size"], "description": "",
-                       "required_memory": estimate_memory(entry["size"]) if entry["size"] else None,
-                       "tags": [], "details": entry["details"], "installed_on": entry["agents"], "source": "agents"})
-    if q:
-        models = [m for m in models if q in m["name"].lower() or q in m["description"].lower()]
-    if tag:
-        models = [m for m in models if tag in m["tags"]]
+    models = [_available_json(m) for m in readmodel.available_models(dist.registry, dist.catalogue, q, tag)]
     return json({"models": models, "source": "catalogue+agents", "catalogue": dist.catalogue.source})
+
+
+def _available_json(m: readmodel.AvailableModel) -> dict[str, Any]:
+    doc = {"name": m.name, "size": m.size, "description": m.description, "required_memory": m.required_memory,
+           "tags": list(m.tags)}
+    if m.details is not None:
+        doc["details"] = m.details
+    return {**doc, "installed_on": [a.node_id for a in m.agents], "source": m.source}
 
 
 def _pull_args(body: dict[str, Any]) -> tuple[str, bool, bool] | HTTPResponse:
@@ -166,33 +159,21 @@ async def delete_one(request: Request, agent_id: str, name: str) -> HTTPResponse
 @bp.get("/api/models/matrix")
 @openapi.summary("Agents x models: installed, loaded, and pulls in progress with their progress")
 async def matrix(request: Request) -> HTTPResponse:
-    dist, ledger = _dist(request), _ledger(request)
-    agents = sorted(dist.registry.agents.values(), key=lambda a: a.node_id)
-    names: dict[str, str] = {}  # normalized -> display name
-    cells: dict[str, dict[str, dict[str, Any]]] = {}
-    for a in agents:
-        row = cells.setdefault(a.node_id, {})
-        loaded = {normalize(m["name"]) for m in a.loaded}
-        for m in a.models:
-            key = normalize(m["name"])
-            names.setdefault(key, m["name"])
-            row[key] = {"installed": True, "loaded": key in loaded, "size": m.get("size"),
-                        "installed_at": m.get("installed_at"), "job": None}
-    for rec in ledger.active.values():
-        if not rec.model or rec.node_id not in cells:
-            continue
-        key = normalize(rec.model)
-        names.setdefault(key, rec.model)
-        cell = cells[rec.node_id].setdefault(key, {"installed": False, "loaded": False, "size": None,
-                                                   "installed_at": None, "job": None})
-        cell["job"] = {"id": rec.task_id, "verb": rec.verb, "status": rec.status, "progress": rec.progress,
-                       "speed": rec.speed, "eta": rec.eta, "phase": rec.phase}
-    order = sorted(names)
+    mx = readmodel.model_matrix(fleet_of(request).registry, _ledger(request).active.values())
     return json({
-        "agents": [{"id": a.node_id, "name": a.name, "status": a.status} for a in agents],
-        "models": [names[k] for k in order],
-        "matrix": {node: {names[k]: c for k, c in row.items()} for node, row in cells.items()},
+        "agents": [{"id": a.node_id, "name": a.name, "status": a.status} for a in mx.agents],
+        "models": mx.columns,
+        "matrix": {a.node_id: {mx.names[k]: _cell_json(c) for k, c in mx.occupied(a).items()}
+                   for a in mx.agents},
     })
+
+
+def _cell_json(c: readmodel.MatrixCell) -> dict[str, Any]:
+    m, rec = c.installed, c.job
+    return {"installed": m is not None, "loaded": m is not None and c.loaded,
+            "size": m.get("size") if m else None, "installed_at": m.get("installed_at") if m else None,
+            "job": {"id": rec.task_id, "verb": rec.verb, "status": rec.status, "progress": rec.progress,
+                    "speed": rec.speed, "eta": rec.eta, "phase": rec.phase} if rec else None}
 
 
 # ---- tasks ---------------------------------------------------------------------------------------

@@ -15,17 +15,18 @@ import json
 import logging
 from typing import Any
 
-import httpx
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
 from ollama_fleet.contract.model_names import valid_model_name
 
+from ollama_fleet.controller.compose import fleet_of
 from ollama_fleet.controller.edge.access import Role, authorize
 from ollama_fleet.controller.jobs.distribution import DistributionError, Distributor, has_model
 from ollama_fleet.controller.edge.http import error, json_body
 from ollama_fleet.controller.jobs.ledger import JobLedger, JobRec
+from ollama_fleet.controller.proxy.upstream import JSON_HEADERS, UpstreamError
 from ollama_fleet.controller.registry.live import AgentRecord
 
 log = logging.getLogger("fleet.ollama_models")
@@ -38,11 +39,11 @@ AGENTS_HEADER = "x-fleet-agents"
 
 
 def _dist(request: Request) -> Distributor:
-    return request.app.ctx.fleet.distributor
+    return fleet_of(request).distributor
 
 
 def _ledger(request: Request) -> JobLedger:
-    return request.app.ctx.fleet.jobs
+    return fleet_of(request).jobs
 
 
 def _line(obj: dict[str, Any]) -> str:
@@ -52,7 +53,7 @@ def _line(obj: dict[str, Any]) -> str:
 def _denied(request: Request) -> HTTPResponse | None:
     """Fleet-wide model changes: the admin token when one is set; without one, an API key when keys are
     in use (Ollama clients such as Open WebUI pull with theirs), else loopback clients only."""
-    fleet = request.app.ctx.fleet
+    fleet = fleet_of(request)
     if not fleet.cfg.admin_token and fleet.proxy.keys.enabled:
         return fleet.proxy.authorize(request, False)[1]
     denied = authorize(request, Role.ADMIN)
@@ -268,20 +269,23 @@ async def _on_agents(request: Request, agents: list[AgentRecord], path: str,
                      body: dict[str, Any]) -> list[tuple[AgentRecord, int, str]]:
     """The same non-streamed Ollama request on several agents at once: (agent, status, error text)."""
     http = _dist(request).http
-    assert http is not None
+    data = json.dumps(body, separators=(",", ":")).encode()
 
     async def one(a: AgentRecord) -> tuple[AgentRecord, int, str]:
         try:
-            r = await http.post(a.ollama_url.rstrip("/") + path, json=body)
-        except httpx.HTTPError as e:
+            r = await http.call(a.ollama_url, path, data)
+        except UpstreamError as e:
             return a, 502, f"{e.__class__.__name__}: {e}"
         text = ""
-        if r.status_code >= 400:
+        if r.status >= 400:
+            text = r.body.decode(errors="replace")
             try:
-                text = str(r.json().get("error") or r.text)
+                doc = json.loads(r.body)
             except ValueError:
-                text = r.text
-        return a, r.status_code, text[:500]
+                doc = None
+            if isinstance(doc, dict) and doc.get("error"):
+                text = str(doc["error"])
+        return a, r.status, text[:500]
 
     return list(await asyncio.gather(*(one(a) for a in agents)))
 
@@ -364,24 +368,20 @@ async def push(request: Request) -> HTTPResponse | None:
     if not chosen:
         return error(404, f'model "{model}" not found')
     agent = chosen[0]
-    http = _dist(request).http
-    assert http is not None
-    req = http.build_request("POST", agent.ollama_url.rstrip("/") + "/api/push", content=request.body,
-                             headers={"content-type": "application/json"})
     try:
-        upstream = await http.send(req, stream=True)
-    except httpx.HTTPError as e:
+        upstream = await _dist(request).http.post(agent.ollama_url, "/api/push", JSON_HEADERS, request.body)
+    except UpstreamError as e:
         return error(502, f"agent {agent.node_id}: {e.__class__.__name__}: {e}")
     try:
-        ctype = upstream.headers.get("content-type", "application/json")
+        ctype = upstream.header("content-type", "application/json")
         headers = {"X-Fleet-Agent": agent.node_id}
-        if upstream.status_code >= 400 or not ctype.startswith(NDJSON):
-            data = await upstream.aread()
-            return HTTPResponse(data, status=upstream.status_code, content_type=ctype, headers=headers)
+        if upstream.status >= 400 or not ctype.startswith(NDJSON):
+            data = await upstream.read()
+            return HTTPResponse(data, status=upstream.status, content_type=ctype, headers=headers)
         resp = await request.respond(content_type=ctype, headers=headers)
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.chunks():
             await resp.send(chunk)
         await resp.eof()
         return None
     finally:
-        await upstream.aclose()
+        upstream.close()

@@ -8,6 +8,7 @@ from sanic import Blueprint, Request, json
 from sanic.response import HTTPResponse
 from sanic_ext import openapi
 
+from ollama_fleet.controller.compose import fleet_of
 from ollama_fleet.controller.proxy import requestlog
 from ollama_fleet.controller.edge.http import error
 from ollama_fleet.controller.edge.params import INT_MAX, ParamError, int_param
@@ -22,7 +23,7 @@ bp = Blueprint("requests")
     "`error`; comma-separated), `since`/`until` (epoch seconds or ISO 8601). Paging: `page` (from 1), "
     "`per_page` (25, 50 or 100). `export=csv|json` returns every matching row (up to 100,000) as a file.")
 async def list_requests(request: Request) -> HTTPResponse | None:
-    fleet = request.app.ctx.fleet
+    fleet = fleet_of(request)
     try:
         filters = requestlog.Filters(request.args)
     except ValueError as e:
@@ -47,7 +48,7 @@ async def list_requests(request: Request) -> HTTPResponse | None:
 
 async def _stream_export(request: Request, filters: requestlog.Filters, export: str) -> None:
     """CSV or a JSON array, written chunk by chunk as the rows are read (bounded memory at any size)."""
-    store = request.app.ctx.fleet.store
+    store = fleet_of(request).store
     ctype = "text/csv; charset=utf-8" if export == "csv" else "application/json"
     resp = await request.respond(content_type=ctype,
                                  headers={"content-disposition": f'attachment; filename="requests.{export}"'})

@@ -1,6 +1,7 @@
 """What the dashboard shows, as plain dicts: agent rows, fleet overview, charts, jobs, model matrix.
 
-Everything live comes from memory (registry, job ledger); only history (request log, metric samples,
+Everything live comes from memory through the read model (controller/readmodel.py, which the JSON API
+renders too), formatted here for the templates; only history (request log, metric samples,
 events) is read from the database, on the store's reader threads, with short caches so many open
 browsers cost no more than one.
 """
@@ -8,98 +9,63 @@ browsers cost no more than one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlencode
 
 import peewee as pw
+from sanic.request.parameters import RequestParameters
 
-from ollama_fleet.contract.model_names import normalize
+from ollama_fleet.contract.status import ALL, AgentStatus
 
-from ollama_fleet.controller.api.agents import STATES
-from ollama_fleet.controller.jobs.catalogue import estimate_memory
+from ollama_fleet.controller import readmodel
 from ollama_fleet.controller.db import MetricSample, db
 from ollama_fleet.controller.exports import to_csv
-from ollama_fleet.controller.registry.live import AgentRecord
+from ollama_fleet.controller.jobs.catalogue import Catalogue
+from ollama_fleet.controller.jobs.ledger import JobLedger
 from ollama_fleet.controller.proxy.requestlog import RequestRecord
+from ollama_fleet.controller.readmodel import AgentFilter, AgentSummary, ModelMatrix
+from ollama_fleet.controller.registry.live import AgentRecord, Registry
 
-STATUS_ORDER = {"lost": 0, "stale": 1, "ollama_down": 2, "offline": 3, "online": 4}  # needs attention first
-SORTS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "name": lambda r: r["name"].lower(),
-    "status": lambda r: (STATUS_ORDER.get(r["status"], 9), r["name"].lower()),
-    "host": lambda r: (r["hostname"] or "").lower(),
-    "ip": lambda r: r["ip"] or "",
-    "version": lambda r: r["ollama_version"] or "",
-    "uptime": lambda r: r["uptime"] if r["uptime"] is not None else -1,
-    "gpus": lambda r: r["gpu_count"],
-    "vram": lambda r: r["vram_total"],
-    "models": lambda r: r["models"],
-    "in_flight": lambda r: r["in_flight"],
-    "requests": lambda r: r["requests"],
-}
-STATUS_LABELS = {"online": "Online", "offline": "Offline", "lost": "Lost", "stale": "Stale",
-                 "ollama_down": "Ollama down"}
+STATUS_LABELS: dict[AgentStatus, str] = {AgentStatus.ONLINE: "Online", AgentStatus.OFFLINE: "Offline",
+                                 AgentStatus.LOST: "Lost", AgentStatus.STALE: "Stale",
+                                 AgentStatus.OLLAMA_DOWN: "Ollama down"}
+SORTS = list(readmodel.AGENT_SORTS)
 CSV_COLUMNS = ("id", "name", "hostname", "ips", "status", "ollama_version", "uptime", "gpu_count", "vram_total",
                "vram_used", "models", "loaded", "in_flight", "requests", "errors", "mean_latency_ms", "cpu", "mem",
                "tags", "last_seen")
 JOBS_SHOWN = 25
 SERIES_WINDOW = 3600.0
+T = TypeVar("T")
 
 
 # ---- agents --------------------------------------------------------------------------------------
-def agent_row(a: AgentRecord, now: float) -> dict[str, Any]:
-    gpus = a.gpu_view()
-    vram_total = sum(g.get("mem_total") or 0 for g in gpus)
-    vram_used = sum(g.get("mem_used") or 0 for g in gpus)
-    done = a.requests_total
-    ips = a.info.get("ips") or []
-    return {
-        "id": a.node_id, "name": a.name, "hostname": a.hostname, "ip": ips[0] if ips else "", "ips": ips,
-        "ollama_version": a.ollama_version, "status": a.status, "tags": a.tags,
-        "uptime": round(now - a.online_since) if a.online_since and a.state == "online" else None,
-        "gpu_count": len(gpus), "gpu_names": sorted({str(g.get("name") or "GPU") for g in gpus}),
-        "vram_total": vram_total, "vram_used": vram_used,
-        "models": len(a.models), "loaded": len(a.loaded), "in_flight": a.in_flight, "requests": done,
-        "errors": a.errors_total, "mean_latency_ms": round(a.latency_sum / done * 1000, 1) if done else None,
-        "cpu": a.metrics.get("cpu"), "mem": a.metrics.get("mem"), "last_seen": a.last_seen,
-    }
-
-
 class AgentQuery:
-    """The agents table's filter, search and sort, from query-string arguments."""
+    """The agents table's filter, search and sort, from query-string arguments (unknown values: ignored)."""
 
-    def __init__(self, args: Any) -> None:
-        status = args.get("status") or ""
-        self.status = status if status in STATES else ""
-        self.q = (args.get("q") or "").strip()[:100]
-        sort = args.get("sort") or "name"
-        self.sort = sort if sort in SORTS else "name"
+    def __init__(self, args: RequestParameters) -> None:
+        status = str(args.get("status") or "")
+        self.status = status if status in ALL else ""
+        self.q = str(args.get("q") or "").strip()[:100]
+        sort = str(args.get("sort") or "name")
+        self.sort = sort if sort in readmodel.AGENT_SORTS else "name"
         self.desc = args.get("dir") == "desc"
+        self.filter = AgentFilter(frozenset({self.status} if self.status else ()), self.q)
 
     def matches(self, a: AgentRecord) -> bool:
-        if self.status and a.status != self.status:
-            return False
-        if self.q:
-            hay = " ".join([a.node_id, a.name, a.hostname, *(a.info.get("ips") or []), *a.tags]).lower()
-            return self.q.lower() in hay
-        return True
+        return self.filter.matches(a)
 
-    def rows(self, agents: Iterable[AgentRecord], now: float | None = None) -> list[dict[str, Any]]:
-        now = now or time.time()
-        rows = [agent_row(a, now) for a in agents if self.matches(a)]
-        rows.sort(key=lambda r: r["name"].lower())  # stable tie-break
-        rows.sort(key=SORTS[self.sort], reverse=self.desc)
-        return rows
+    def rows(self, registry: Registry, now: float | None = None) -> list[AgentSummary]:
+        return readmodel.agent_table(registry, self.filter, self.sort, self.desc, now)
 
     def params(self, **override: str) -> str:
         """Query string for links (sort headers, exports) that keep the other choices."""
-        from urllib.parse import urlencode
-
         p = {"status": self.status, "q": self.q, "sort": self.sort, "dir": "desc" if self.desc else ""}
         p.update(override)
         return urlencode({k: v for k, v in p.items() if v})
 
 
-def agents_csv(rows: list[dict[str, Any]]) -> str:
+def agents_csv(rows: list[AgentSummary]) -> str:
     """Names and tags come from agents and operators: exports.to_csv keeps them from being formulas."""
     return to_csv(({**r, "ips": " ".join(r["ips"]), "tags": " ".join(r["tags"]),
                     "last_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["last_seen"]))} for r in rows),
@@ -107,25 +73,11 @@ def agents_csv(rows: list[dict[str, Any]]) -> str:
 
 
 # ---- overview ------------------------------------------------------------------------------------
-def fleet_counts(agents: Iterable[AgentRecord]) -> dict[str, Any]:
-    counts = {s: 0 for s in STATES}
-    total = in_flight = 0
-    utils: list[float] = []
-    vram_used = vram_total = 0
-    for a in agents:
-        total += 1
-        counts[a.status] = counts.get(a.status, 0) + 1
-        in_flight += a.in_flight
-        if a.state != "online":
-            continue
-        for g in a.gpu_view():
-            if isinstance(g.get("util"), (int, float)):
-                utils.append(float(g["util"]))
-            vram_used += g.get("mem_used") or 0
-            vram_total += g.get("mem_total") or 0
-    return {"total": total, **counts, "in_flight": in_flight,
-            "gpu_util": round(sum(utils) / len(utils), 1) if utils else None, "gpu_count": len(utils),
-            "vram_used": vram_used, "vram_total": vram_total}
+def fleet_counts(agents: Iterable[AgentRecord]) -> dict[str, int | float | None]:
+    """The templates' `c`: total, one count per status, in_flight, and GPU use of the online agents."""
+    c = readmodel.fleet_counts(agents)
+    return {"total": c.total, **c.by_status, "in_flight": c.in_flight, "gpu_util": c.gpu_util,
+            "gpu_count": c.gpu_count, "vram_used": c.vram_used, "vram_total": c.vram_total}
 
 
 def _is_error(R: Any) -> Any:
@@ -176,82 +128,46 @@ def series(now: float) -> dict[str, Any]:
     return out
 
 
-class Cached:
+class Cached(Generic[T]):
     """One value shared by every open dashboard, recomputed at most every `ttl` seconds."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self.at = float("-inf")
-        self.value: Any = None
+        self.value: T | None = None
 
-    async def get(self, compute: Any) -> Any:
+    async def get(self, compute: Callable[[], Awaitable[T]]) -> T:
         now = time.monotonic()
-        if now - self.at >= self.ttl:
-            self.at = now  # before awaiting: concurrent callers reuse the old value instead of re-querying
-            self.value = await compute()
+        if self.value is None or now - self.at >= self.ttl:
+            self.at = now  # before awaiting: concurrent callers reuse the old value (if any), no re-query
+            self.value = value = await compute()
+            return value
         return self.value
 
 
 # ---- jobs and models -----------------------------------------------------------------------------
-def jobs(fleet: Any, agent: str | None = None, limit: int = JOBS_SHOWN) -> list[dict[str, Any]]:
+def jobs(ledger: JobLedger, agent: str | None = None, limit: int = JOBS_SHOWN) -> list[dict[str, Any]]:
     """Unfinished jobs first (oldest first), then the latest finished ones; from the ledger's memory."""
-    ledger = getattr(fleet, "jobs", None)
-    if ledger is None:
-        return []
-    active = sorted((r for r in ledger.active.values() if agent is None or r.node_id == agent),
-                    key=lambda r: r.created_at)
-    done = [r for r in reversed(ledger.recent.values()) if agent is None or r.node_id == agent]
-    return [r.to_json() for r in [*active, *done[:max(0, limit - len(active))]]]
+    recs = readmodel.job_list(ledger.active.values(), ledger.recent.values(), agent, limit)
+    return [r.to_json() for r in recs]
 
 
-def matrix(fleet: Any) -> dict[str, Any]:
-    """Agents x models (like GET /api/models/matrix): columns are installed or in-flight models."""
-    agents = sorted(fleet.registry.agents.values(), key=lambda a: a.name.lower())
-    names: dict[str, str] = {}
-    for a in agents:
-        for m in a.models:
-            names.setdefault(normalize(m["name"]), m["name"])
-    pulls: dict[tuple[str, str], dict[str, Any]] = {}
-    ledger = getattr(fleet, "jobs", None)
-    for rec in (ledger.active.values() if ledger else ()):
-        if rec.model and rec.node_id in fleet.registry.agents:
-            key = normalize(rec.model)
-            names.setdefault(key, rec.model)
-            pulls[(rec.node_id, key)] = rec.to_json()
-    columns = sorted(names)
-    return {"columns": [names[k] for k in columns], "keys": columns, "agents": agents, "pulls": pulls}
+def matrix(registry: Registry, ledger: JobLedger) -> ModelMatrix:
+    """Agents x models (like GET /api/models/matrix), with the agents in the order of their names."""
+    return readmodel.model_matrix(registry, ledger.active.values(), order=lambda a: a.name.lower())
 
 
-def matrix_row(a: AgentRecord, keys: list[str], pulls: dict[tuple[str, str], dict[str, Any]]) -> list[Any]:
-    installed = {normalize(m["name"]) for m in a.models}
-    loaded = {normalize(m["name"]) for m in a.loaded}
-    cells = []
-    for k in keys:
-        job = pulls.get((a.node_id, k))
-        state = "loaded" if k in loaded else "installed" if k in installed else ""
-        cells.append({"state": state, "job": job})
-    return cells
+def matrix_row(m: ModelMatrix, a: AgentRecord, keys: list[str]) -> list[dict[str, Any]]:
+    """A row's cells: state (loaded, installed or empty) and the unfinished job, as a task document."""
+    return [{"state": "loaded" if c.loaded else "installed" if c.installed is not None else "",
+             "job": c.job.to_json() if c.job else None} for c in m.row(a, keys)]
 
 
-def catalogue(fleet: Any) -> list[dict[str, Any]]:
-    """The distributable models: catalogue plus what agents have, with where each is installed."""
-    dist = getattr(fleet, "distributor", None)
-    on: dict[str, list[str]] = {}
-    sizes: dict[str, tuple[str, int]] = {}
-    for a in fleet.registry.agents.values():
-        for m in a.models:
-            k = normalize(m["name"])
-            on.setdefault(k, []).append(a.name)
-            sizes.setdefault(k, (m["name"], int(m.get("size") or 0)))
-    out = []
-    for c in (dist.catalogue.models if dist else []):
-        k = normalize(c.name)
-        out.append({**c.to_json(), "installed_on": sorted(on.pop(k, [])), "source": "catalogue"})
-        sizes.pop(k, None)
-    for k, names in on.items():
-        name, size = sizes[k]
-        out.append({"name": name, "size": size, "description": "",
-                    "required_memory": estimate_memory(size) if size else None, "tags": [],
-                    "installed_on": sorted(names), "source": "agents"})
+def catalogue(registry: Registry, cat: Catalogue) -> list[dict[str, Any]]:
+    """The distributable models: catalogue plus what agents have, with where each is installed (by name)."""
+    out = [{"name": m.name, "size": m.size, "description": m.description,
+            "required_memory": m.required_memory, "tags": list(m.tags),
+            "installed_on": sorted(a.name for a in m.agents), "source": m.source}
+           for m in readmodel.available_models(registry, cat)]
     out.sort(key=lambda m: (not m["installed_on"], m["name"]))
     return out

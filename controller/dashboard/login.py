@@ -23,6 +23,7 @@ from sanic import Request
 from sanic.response import HTTPResponse
 
 from ollama_fleet.controller.db import Base, register_models
+from ollama_fleet.settings import Config
 
 COOKIE = "fleet_session"
 SESSION_TTL = 12 * 3600  # seconds
@@ -118,12 +119,13 @@ def load_sessions() -> list[dict[str, Any]]:
 
 
 def admin_token(request: Request) -> str:
-    return str(request.app.ctx.fleet.cfg.admin_token or "")
+    cfg: Config = request.app.ctx.fleet.cfg
+    return cfg.admin_token
 
 
 def role_tokens(request: Request) -> dict[str, str]:
-    cfg = request.app.ctx.fleet.cfg
-    return {"admin": str(cfg.admin_token or ""), "viewer": str(cfg.viewer_token or "") if cfg.admin_token else ""}
+    cfg: Config = request.app.ctx.fleet.cfg
+    return {"admin": cfg.admin_token, "viewer": cfg.viewer_token if cfg.admin_token else ""}
 
 
 def session(request: Request) -> Session | None:

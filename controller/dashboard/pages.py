@@ -12,16 +12,18 @@ from typing import Any
 from urllib.parse import urlencode
 
 import peewee as pw
-from sanic import Blueprint, Request, Sanic
+from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, html, json, raw, redirect
 
 from ollama_fleet import __version__
 
+from ollama_fleet.controller.compose import Fleet, fleet_of
 from ollama_fleet.controller.edge import access
 from ollama_fleet.controller.dashboard import login as auth_web
 from ollama_fleet.controller.proxy import requestlog
 from ollama_fleet.controller.dashboard import data
 from ollama_fleet.controller.dashboard.ui import EVENTS_PAGE, UI, WEB, sections, setup
+from ollama_fleet.controller.edge.http import App
 from ollama_fleet.controller.edge.params import INT_MAX, ParamError, int_param, text_param
 from ollama_fleet.controller.edge.peer import is_tls
 from ollama_fleet.controller.dashboard.sse import Stream
@@ -32,7 +34,8 @@ REQUEST_STATUS = ("2xx", "4xx", "5xx", "error")
 
 
 def _ui(request: Request) -> UI:
-    return request.app.ctx.dashboard
+    ui: UI = request.app.ctx.dashboard
+    return ui
 
 
 async def page(request: Request, template: str, nav: str, stream: str | None = None, status: int = 200,
@@ -66,7 +69,7 @@ async def agents(request: Request) -> HTTPResponse:
     return await page(request, "agents.html", "agents",
                       _stream_url("agents", status=q.status, q=q.q, sort=q.sort, dir="desc" if q.desc else ""),
                       query=q, counts=await ui.agent_counts(q), rows=await ui.agent_rows(q),
-                      sorts=list(data.SORTS))
+                      sorts=data.SORTS)
 
 
 @bp.get("/dashboard/agents.csv", name="agents_csv")
@@ -83,13 +86,13 @@ async def agents_json(request: Request) -> HTTPResponse:
 
 def _export(request: Request, fmt: str) -> HTTPResponse:
     q = data.AgentQuery(request.args)
-    agents_ = _ui(request).agents
+    registry = _ui(request).registry
     disposition = {"content-disposition": f'attachment; filename="agents.{fmt}"'}
     if fmt == "csv":
-        return raw(data.agents_csv(q.rows(agents_.values())).encode(), content_type="text/csv; charset=utf-8",
+        return raw(data.agents_csv(q.rows(registry)).encode(), content_type="text/csv; charset=utf-8",
                    headers=disposition)
     now = time.time()
-    docs = [agents_[r["id"]].to_json(now) for r in q.rows(agents_.values(), now)]
+    docs = [registry.agents[r["id"]].to_json(now) for r in q.rows(registry, now)]
     return raw(jsonlib.dumps(docs).encode(), content_type="application/json", headers=disposition)
 
 
@@ -103,7 +106,7 @@ async def agent_detail(request: Request, node: str) -> HTTPResponse:
                           message=f"No agent with id “{node}”. It may have been deleted.",
                           back=("/dashboard/agents", "All agents"))
     events = await ui.recent_events(node)
-    models = data.catalogue(ui.fleet)
+    models = ui.catalogue_models()
     return await page(request, "agent.html", "agents", _stream_url("agent", id=node), node=node, agent=a,
                       live=await ui.agent_live(node), models_block=await ui.agent_models(node),
                       jobs=await ui.jobs("agent-jobs", node),
@@ -118,13 +121,13 @@ async def models(request: Request) -> HTTPResponse:
     agents_ = sorted(ui.agents.values(), key=lambda a: a.name.lower())
     return await page(request, "models.html", "models", _stream_url("models"), agents=agents_,
                       jobs=await ui.jobs("model-jobs"), matrix=await ui.matrix(), catalogue=await ui.catalogue(),
-                      model_names=[m["name"] for m in data.catalogue(ui.fleet)])
+                      model_names=[m["name"] for m in ui.catalogue_models()])
 
 
 @bp.get("/dashboard/requests")
 @access.login_required
 async def requests_page(request: Request) -> HTTPResponse:
-    fleet = _ui(request).fleet
+    fleet = fleet_of(request)
     args = {k: (request.args.get(k) or "").strip() for k in ("model", "agent", "endpoint", "status", "period")}
     if args["status"] not in REQUEST_STATUS:
         args["status"] = ""
@@ -155,7 +158,7 @@ async def requests_page(request: Request) -> HTTPResponse:
 @bp.get("/dashboard/requests/<rid:str>")
 @access.login_required
 async def request_detail(request: Request, rid: str) -> HTTPResponse:
-    fleet = _ui(request).fleet
+    fleet = fleet_of(request)
     await fleet.proxy.flush()
     row = await fleet.store.read(_request_row, rid)
     if row is None:
@@ -167,7 +170,8 @@ async def request_detail(request: Request, rid: str) -> HTTPResponse:
 
 def _request_row(rid: str) -> dict[str, Any] | None:
     R = requestlog.RequestRecord
-    return R.select().where(R.rid == rid).dicts().first()
+    row: dict[str, Any] | None = R.select().where(R.rid == rid).dicts().first()
+    return row
 
 
 @bp.get("/dashboard/events")
@@ -208,7 +212,7 @@ async def stream(request: Request) -> None:
 @access.login_required
 async def status(request: Request) -> HTTPResponse:
     """Open dashboard streams and hub subscribers: a closed browser tab must leave neither behind."""
-    fleet = _ui(request).fleet
+    fleet = fleet_of(request)
     return json({"streams": len(Stream.streams), "hub_subscribers": fleet.hub.subscriber_count,
                  "hub_dropped": fleet.hub.dropped})
 
@@ -243,8 +247,8 @@ async def login(request: Request) -> HTTPResponse:
         return await page(request, "login.html", "login", status=401, next=nxt,
                           error="That token is not correct.")
     access.succeeded(request)
-    cookie, s = request.app.ctx.sessions.open(role.value, auth_web.role_tokens(request)[role.value])
-    await request.app.ctx.fleet.store.write(auth_web.save_session, s)
+    cookie, s = fleet_of(request).sessions.open(role.value, auth_web.role_tokens(request)[role.value])
+    await fleet_of(request).store.write(auth_web.save_session, s)
     resp = redirect(nxt, status=303)
     auth_web.set_cookie(resp, cookie, secure=is_tls(request))
     return resp
@@ -257,20 +261,16 @@ async def logout(request: Request) -> HTTPResponse:
         return redirect("/dashboard/login", status=303)
     if not auth_web.csrf_ok(request, s):
         return json({"error": "forbidden: missing or invalid CSRF token"}, status=403)
-    request.app.ctx.sessions.close(s.id_hash)  # ended on the server: a copied cookie stops working too
-    await request.app.ctx.fleet.store.write(auth_web.delete_session, s.id_hash)
+    fleet_of(request).sessions.close(s.id_hash)  # ended on the server: a copied cookie stops working too
+    await fleet_of(request).store.write(auth_web.delete_session, s.id_hash)
     resp = redirect("/dashboard/login", status=303)
     auth_web.clear_session(resp)
     return resp
 
 
-def install(app: Sanic) -> None:
-    """Templates, static files, routes and the shutdown hook that ends open streams."""
+def install(app: App, fleet: Fleet) -> None:
+    """Templates, static files and routes. Open streams are ended by Fleet.stop (controller/compose.py)."""
     setup(app.ext.environment)
-    app.ctx.dashboard = UI(app.ext.environment, app.ctx.fleet)
+    app.ctx.dashboard = UI(app.ext.environment, fleet)
     app.static("/dashboard/static", str(WEB / "static"), name="dashboard_static")
     app.blueprint(bp)
-
-    @app.before_server_stop
-    async def _close_streams(app: Sanic) -> None:
-        Stream.close_all()

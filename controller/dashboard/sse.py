@@ -230,8 +230,7 @@ class Classifier:
 
     def reset(self) -> None:
         self.status = {k: a.status for k, a in self.fleet.registry.agents.items()}
-        ledger = getattr(self.fleet, "jobs", None)
-        self.jobs = {r.task_id: r.status for r in ledger.active.values()} if ledger else {}
+        self.jobs = {r.task_id: r.status for r in self.fleet.jobs.active.values()}
 
     def urgent(self, topic: str, data: dict[str, Any]) -> bool:
         if topic == "agent":

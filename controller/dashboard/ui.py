@@ -12,8 +12,13 @@ from importlib.resources import files
 
 from jinja2 import Environment, FileSystemLoader
 
+from ollama_fleet.contract.status import AgentStatus
+
+from ollama_fleet.controller import readmodel
 from ollama_fleet.controller.dashboard import data
+from ollama_fleet.controller.compose import Fleet
 from ollama_fleet.controller.registry import store
+from ollama_fleet.controller.registry.live import AgentRecord, Registry
 from ollama_fleet.controller.dashboard.sse import Block, Keyed, Prepend, Section
 
 # Package data of ollama_fleet.web: a real folder both in a checkout and in an installed wheel (Sanic
@@ -93,24 +98,28 @@ def setup(env: Environment) -> None:
     env.trim_blocks = env.lstrip_blocks = True
     env.filters.update(bytes=fmt_bytes, duration=fmt_duration, uptime=fmt_uptime, pct=fmt_pct, num=fmt_num, iso=iso,
                        utc=utc_text, clamp=clamp_pct)
-    env.globals.update(status_labels=data.STATUS_LABELS, states=list(data.STATUS_LABELS))
+    env.globals.update(status_labels=data.STATUS_LABELS, states=[s.value for s in AgentStatus])
 
 
 # ---- regions -------------------------------------------------------------------------------------
 class UI:
     """Renders each region of the dashboard from the live registry (and the store, for history)."""
 
-    def __init__(self, env: Environment, fleet: Any) -> None:
+    def __init__(self, env: Environment, fleet: Fleet) -> None:
         self.env, self.fleet = env, fleet
-        self.stats = data.Cached(1.0)
-        self.series = data.Cached(10.0)
+        self.stats: data.Cached[dict[str, Any]] = data.Cached(1.0)
+        self.series: data.Cached[dict[str, Any]] = data.Cached(10.0)
 
     async def render(self, name: str, **ctx: Any) -> str:
         return await self.env.get_template(name).render_async(**ctx)
 
     @property
-    def agents(self) -> dict[str, Any]:
-        return self.fleet.registry.agents
+    def registry(self) -> Registry:
+        return self.fleet.registry
+
+    @property
+    def agents(self) -> dict[str, AgentRecord]:
+        return self.registry.agents
 
     async def request_stats(self) -> dict[str, Any]:
         async def compute() -> dict[str, Any]:
@@ -133,24 +142,23 @@ class UI:
         return await self.render("_agent_counts.html", c=data.fleet_counts(self.agents.values()), query=q, oob=oob)
 
     async def agent_rows(self, q: data.AgentQuery, oob: bool = False) -> str:
-        return await self.render("_agent_rows.html", rows=q.rows(self.agents.values()), query=q, oob=oob)
+        return await self.render("_agent_rows.html", rows=q.rows(self.registry), query=q, oob=oob)
 
     async def agent_row(self, q: data.AgentQuery, node: str) -> str:
         a = self.agents.get(node)
         if a is None or not q.matches(a):
             return ""
-        return await self.render("_agent_row.html", r=data.agent_row(a, time.time()), oob=True)
+        return await self.render("_agent_row.html", r=readmodel.agent_summary(a, time.time()), oob=True)
 
-    def agent_sig(self, q: data.AgentQuery, node: str) -> Any:
+    def agent_sig(self, q: data.AgentQuery, node: str) -> str | None:
         """What the agent's table row shows (uptime as shown, not to the second)."""
         a = self.agents.get(node)
         if a is None or not q.matches(a):
             return None
-        r = data.agent_row(a, time.time())
-        r["uptime"] = fmt_uptime(r["uptime"]) if r["uptime"] is not None else None
-        for k in ("cpu", "mem", "last_seen"):
-            r.pop(k)
-        return repr(r)
+        r = readmodel.agent_summary(a, time.time())
+        shown = {k: v for k, v in r.items() if k not in ("cpu", "mem", "last_seen")}
+        shown["uptime"] = fmt_uptime(r["uptime"]) if r["uptime"] is not None else None
+        return repr(shown)
 
     async def agent_live(self, node: str, oob: bool = False) -> str:
         a = self.agents.get(node)
@@ -159,34 +167,38 @@ class UI:
 
     async def agent_models(self, node: str, oob: bool = False) -> str:
         a = self.agents.get(node)
-        loaded = {m["name"]: m for m in a.loaded} if a else {}
+        loaded = readmodel.loaded_by_name(a) if a else {}
         return await self.render("_agent_models.html", node=node, a=a, models=a.models if a else [],
                                  loaded=loaded, oob=oob)
 
     async def jobs(self, dom_id: str, agent: str | None = None, oob: bool = False) -> str:
         names = {k: a.name for k, a in self.agents.items()}
-        return await self.render("_jobs.html", dom_id=dom_id, jobs=data.jobs(self.fleet, agent), names=names,
-                                 agent=agent, oob=oob)
+        return await self.render("_jobs.html", dom_id=dom_id, jobs=data.jobs(self.fleet.jobs, agent),
+                                 names=names, agent=agent, oob=oob)
 
     async def matrix(self, oob: bool = False) -> str:
-        m = data.matrix(self.fleet)
-        rows = [(a, data.matrix_row(a, m["keys"], m["pulls"])) for a in m["agents"]]
+        m = data.matrix(self.registry, self.fleet.jobs)
+        keys = m.keys
+        rows = [(a, data.matrix_row(m, a, keys)) for a in m.agents]
         return await self.render("_matrix.html", m=m, rows=rows, oob=oob)
 
-    def matrix_shape(self) -> Any:
-        m = data.matrix(self.fleet)
-        return tuple(m["keys"]), tuple(a.node_id for a in m["agents"])
+    def matrix_shape(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        m = data.matrix(self.registry, self.fleet.jobs)
+        return tuple(m.keys), tuple(a.node_id for a in m.agents)
 
     async def matrix_row(self, node: str) -> str:
         a = self.agents.get(node)
         if a is None:
             return ""
-        m = data.matrix(self.fleet)
-        return await self.render("_matrix_row.html", a=a, cells=data.matrix_row(a, m["keys"], m["pulls"]),
-                                 columns=m["columns"], oob=True)
+        m = data.matrix(self.registry, self.fleet.jobs)
+        return await self.render("_matrix_row.html", a=a, cells=data.matrix_row(m, a, m.keys),
+                                 columns=m.columns, oob=True)
+
+    def catalogue_models(self) -> list[dict[str, Any]]:
+        return data.catalogue(self.registry, self.fleet.catalogue)
 
     async def catalogue(self, oob: bool = False) -> str:
-        return await self.render("_catalogue.html", models=data.catalogue(self.fleet), oob=oob)
+        return await self.render("_catalogue.html", models=self.catalogue_models(), oob=oob)
 
     async def recent_events(self, node: str | None = None, kind: str | None = None,
                             limit: int = EVENTS_SHOWN, before: int | None = None) -> list[dict[str, Any]]:
@@ -232,7 +244,7 @@ def sections(ui: UI, view: str, args: Any) -> list[Section]:
     elif view == "agents":
         q = data.AgentQuery(args)
         out += [Block(lambda: ui.agent_counts(q, True), _agent_topic(), every=1.0),
-                Keyed(shape=lambda: tuple(r["id"] for r in q.rows(ui.agents.values())),
+                Keyed(shape=lambda: tuple(r["id"] for r in q.rows(ui.registry)),
                       keys_of=lambda t, d: [d["id"]] if t == "agent" else [],
                       row=lambda k: ui.agent_row(q, k), whole=lambda: ui.agent_rows(q, True),
                       sig=lambda k: ui.agent_sig(q, k))]

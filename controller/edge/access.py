@@ -8,7 +8,8 @@
 
 Always open: `/healthz`, `/api/version`, `/`, the API docs, the login page and static assets. The proxy
 surface (Ollama and OpenAI inference, `/api/tags`, `/api/ps`, `/v1/models`) follows the API keys instead
-(controller/proxy.py). Wrong credentials are throttled (controller/throttle.py). docs/security.md.
+(controller/proxy/forward.py). Wrong credentials are throttled (controller/edge/throttle.py).
+docs/security.md.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from ollama_fleet.controller.dashboard import login as auth_web
 from ollama_fleet.controller.edge.http import bearer, error, error_response
 from ollama_fleet.controller.edge.origin import allowed_host
 from ollama_fleet.controller.edge.peer import client_ip, is_local
+from ollama_fleet.settings import Config
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[..., Awaitable[HTTPResponse | None]]  # a streaming handler answers through response_stream
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/api/version"})
 PUBLIC_PREFIXES = ("/docs", "/dashboard/static/")
@@ -52,8 +54,9 @@ class Denial(NamedTuple):
         return resp
 
 
-def _cfg(request: Request) -> Any:
-    return request.app.ctx.fleet.cfg
+def _cfg(request: Request) -> Config:
+    cfg: Config = request.app.ctx.fleet.cfg
+    return cfg
 
 
 def keys_in_use(request: Request) -> bool:
@@ -68,9 +71,9 @@ def token_role(request: Request, token: str) -> Role | None:
     cfg = _cfg(request)
     if not cfg.admin_token:
         return None
-    if _same(token, str(cfg.admin_token)):
+    if _same(token, cfg.admin_token):
         return Role.ADMIN
-    if _same(token, str(cfg.viewer_token or "")):
+    if _same(token, cfg.viewer_token):
         return Role.VIEWER
     return None
 
@@ -160,7 +163,7 @@ def require_admin(handler: Handler) -> Handler:
     a route moves to a self-guarded blueprint."""
 
     @wraps(handler)
-    async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse:
+    async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse | None:
         denied = authorize(request, Role.ADMIN)
         return denied.json() if denied else await handler(request, *args, **kwargs)
 
@@ -171,7 +174,7 @@ def login_required(handler: Handler) -> Handler:
     """Dashboard pages: a live session when auth is on (else the login form); the same rules as reads."""
 
     @wraps(handler)
-    async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse:
+    async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse | None:
         if auth_web.admin_token(request) and auth_web.session(request) is None \
                 and not request.headers.get("authorization"):
             if request.path.startswith(("/dashboard/stream", "/dashboard/data/")):

@@ -4,7 +4,7 @@ A body up to SMALL_BODY is read whole and parsed as today (the fast path of ordi
 one (vision requests carry base64 images) is spooled to a temporary file as it arrives (the first
 SPOOL_MEMORY bytes stay in memory) while a small incremental scanner picks out the few top-level fields
 the proxy reads (`model`, `name`, `stream`) without materialising the big strings; the spooled bytes go
-upstream in pieces with flow control (controller/upstream.py). Memory per request stays around
+upstream in pieces with flow control (controller/proxy/upstream.py). Memory per request stays around
 SPOOL_MEMORY + a few socket buffers whatever the body's size; the body limit is checked against the
 declared Content-Length first and again while a chunked body streams in.
 """
@@ -272,7 +272,7 @@ async def read_body(request: Request, limit: int, spool_dir: Path | None = None)
     if http is None:
         return Payload(request.body or b"", len(request.body or b""))
     if length is not None and length <= SMALL_BODY:
-        await request.receive_body()  # the same read Sanic does for a non-streaming route
+        await request.receive_body()  # type: ignore[no-untyped-call]  # the same read Sanic does for a non-streaming route
         return Payload(request.body, len(request.body))
     parts: list[bytes] = []
     size = 0

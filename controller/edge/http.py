@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
-from sanic import Request, json
+from types import SimpleNamespace
+
+from sanic import Request, Sanic, json
+from sanic.config import Config as SanicConfig
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse
 
 from ollama_fleet.contract.sanitize import TooDeep, clean_tree, depth, loads_strict
+
+App = Sanic[SanicConfig, SimpleNamespace]  # the controller's Sanic application, as Sanic types it
 
 log = logging.getLogger("fleet.controller")
 
@@ -51,8 +56,8 @@ def parse_json(raw: bytes | bytearray | str) -> Any:
 
 
 def json_body(request: Request, optional: bool = False) -> dict[str, Any] | HTTPResponse:
-    """The request's JSON object, strings cleaned (fleet.sanitize), or a 400 in the API's error shape.
-    `optional`: no body (or only whitespace) is an empty object."""
+    """The request's JSON object, strings cleaned (ollama_fleet/contract/sanitize.py), or a 400 in the
+    API's error shape. `optional`: no body (or only whitespace) is an empty object."""
     if not request.body or not request.body.strip():
         return {} if optional else error(400, "missing request body")
     try:
@@ -61,7 +66,7 @@ def json_body(request: Request, optional: bool = False) -> dict[str, Any] | HTTP
         return error(400, f"invalid JSON body: {e}")
     if not isinstance(body, dict):
         return error(400, "request body must be a JSON object")
-    return clean_tree(body)
+    return cast(dict[str, Any], clean_tree(body))
 
 
 def error_response(openai: bool, status: int, message: str, code: str | None = None) -> HTTPResponse:

@@ -22,6 +22,7 @@ from sanic.response import HTTPResponse, empty
 
 from ollama_fleet.controller.edge.http import error_response
 from ollama_fleet.controller.edge.peer import from_trusted_proxy
+from ollama_fleet.settings import Config
 
 CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, X-Stainless-Lang, " \
@@ -95,7 +96,8 @@ def _same_origin(origin: str, host_header: str) -> bool:
 def origin_allowed(request: Request, origin: str) -> bool:
     if _same_origin(origin, request.headers.get("host", "")):
         return True
-    pattern = _patterns(tuple(request.app.ctx.fleet.cfg.allowed_origins or ()))
+    cfg: Config = request.app.ctx.fleet.cfg
+    pattern = _patterns(cfg.allowed_origins)
     return pattern is not None and pattern.match(origin.strip().rstrip("/").lower()) is not None
 
 
@@ -107,8 +109,8 @@ async def check(request: Request) -> HTTPResponse | None:
     """Request middleware (first in line)."""
     if request.route is None:  # unrouted (404/405, a timed-out partial request): the error handler answers
         return None
-    cfg = request.app.ctx.fleet.cfg
-    if is_loopback_bind(str(cfg.host)) and not allowed_host(request.headers.get("host", "")) \
+    cfg: Config = request.app.ctx.fleet.cfg
+    if is_loopback_bind(cfg.host) and not allowed_host(request.headers.get("host", "")) \
             and not from_trusted_proxy(request):  # a TLS proxy in front forwards the public name
         return _refuse(request, "forbidden: this controller listens on loopback and serves only local host names")
     origin = request.headers.get("origin")

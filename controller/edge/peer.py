@@ -13,6 +13,8 @@ from typing import Iterable
 
 from sanic import Request
 
+from ollama_fleet.settings import Config
+
 FORWARD_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "forwarded", "x-real-ip")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -86,4 +88,5 @@ def is_local(request: Request) -> bool:
 
 
 def _trusted_list(request: Request) -> tuple[str, ...]:
-    return tuple(request.app.ctx.fleet.cfg.trusted_proxies or ())
+    cfg: Config = request.app.ctx.fleet.cfg
+    return cfg.trusted_proxies

@@ -5,7 +5,7 @@ trickling a byte every few seconds is never closed), and a body is read under RE
 proxy sets to an hour for slow generations. Here both phases get a total deadline: `header_timeout`
 seconds from the request's first byte to the end of its headers, then `body_timeout` seconds for the
 whole body. A connection past either gets 408 (if nothing was answered yet) and is closed. Used by
-`fleet controller` as the server protocol (fleet/cli.py).
+`fleet controller` as the server protocol (ollama_fleet/cli.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class DeadlineHttp(Http):
     __slots__ = ("_body_timeout", "_head_timeout", "_timer")
 
     def __init__(self, protocol: Any) -> None:
-        super().__init__(protocol)
+        super().__init__(protocol)  # type: ignore[no-untyped-call]  # Sanic's Http is unannotated
         config = protocol.app.config
         self._head_timeout = float(config.get(HEADER_TIMEOUT_KEY) or 0)
         self._body_timeout = float(config.get(BODY_TIMEOUT_KEY) or 0)
@@ -36,14 +36,14 @@ class DeadlineHttp(Http):
 
     def init_for_request(self) -> None:
         self._cancel_timer()
-        super().init_for_request()
+        super().init_for_request()  # type: ignore[no-untyped-call]
 
     async def http1_request_header(self) -> None:
         """Called once the request's first bytes are in: the header deadline starts here."""
         if self._head_timeout > 0:
             self._arm(self._head_timeout, "request headers")
         try:
-            await super().http1_request_header()
+            await super().http1_request_header()  # type: ignore[no-untyped-call]
         finally:
             self._cancel_timer()
         if self.request_body and self._body_timeout > 0:

@@ -1,29 +1,27 @@
 """Model distribution: which agents get which model (one, some, all, auto by memory), and when.
 
 Every entry point lands here: the HTTP API, the Ollama `/api/pull`, the MQTT `distribute` command and
-the automatic pull when an agent first registers (its memory tier in `fleet/model_tiers.json`). The
-result is jobs in the ledger (controller/jobs.py); this module only decides and validates.
+the automatic pull when an agent first registers (its memory tier in `ollama_fleet/model_tiers.json`).
+The result is jobs in the ledger (controller/jobs/ledger.py); this module only decides and validates.
+It imports no HTTP handler: the API modules call into it, never the other way round.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-from sanic import Sanic
-
 from ollama_fleet.contract.model_names import normalize, valid_model_name
-from ollama_fleet.model_tiers import Tiers, TiersError, largest_gpu_memory, load_tiers
-from ollama_fleet.settings import ConfigError
+from ollama_fleet.model_tiers import Tiers, largest_gpu_memory
+from ollama_fleet.settings import Config
 
-from ollama_fleet.controller.jobs.catalogue import Catalogue, CatalogueError, load_catalogue
+from ollama_fleet.controller.jobs.catalogue import Catalogue
 from ollama_fleet.controller.jobs.ledger import JobLedger, JobRec
-from ollama_fleet.controller.registry.live import AgentRecord
+from ollama_fleet.controller.proxy.upstream import UpstreamPool
+from ollama_fleet.controller.registry.live import AgentRecord, Registry
 
 log = logging.getLogger("fleet.distribution")
 
@@ -69,26 +67,23 @@ def disk_free(a: AgentRecord) -> int | None:
 
 
 class Distributor:
-    def __init__(self, fleet: Any, ledger: JobLedger, catalogue: Catalogue, tiers: Tiers) -> None:
-        self.fleet, self.ledger, self.catalogue, self.tiers = fleet, ledger, catalogue, tiers
-        self.registry = fleet.registry
-        self.auto_enabled = bool(fleet.cfg.get("auto_distribute"))
-        self.http: httpx.AsyncClient | None = None
+    def __init__(self, cfg: Config, registry: Registry, ledger: JobLedger, catalogue: Catalogue,
+                 tiers: Tiers) -> None:
+        self.cfg, self.registry, self.ledger, self.catalogue, self.tiers = cfg, registry, ledger, catalogue, tiers
+        self.auto_enabled = cfg.auto_distribute
+        # the agents' Ollama for /api/copy, /api/create, /api/push (controller/api/ollama_models.py)
+        self.http = UpstreamPool(10.0, cfg.proxy_read_timeout)
         self._awaiting: set[str] = set()  # registered agents whose first heartbeat we wait for
         self._tasks: list[asyncio.Task[Any]] = []
 
     def start(self) -> None:
-        # controller -> agents' Ollama on the LAN: never through HTTP(S)_PROXY (stack-notes)
-        self.http = httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(
-            10.0, read=float(self.fleet.cfg.get("proxy_read_timeout") or 900.0)))
         self._tasks.append(asyncio.create_task(self._consume(), name="fleet-distribution"))
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.http is not None:
-            await self.http.aclose()
+        self.http.close()
 
     # ---- memory ----------------------------------------------------------------------------
     def memory(self, a: AgentRecord) -> tuple[int | None, int | None]:
@@ -233,13 +228,14 @@ class Distributor:
 
     # ---- events ----------------------------------------------------------------------------
     async def _consume(self) -> None:
-        q = self.fleet.hub.subscribe(HUB_QUEUE)
+        q = self.registry.hub.subscribe(HUB_QUEUE)
         try:
             while True:
                 topic, data = await q.get()
                 try:
                     if topic == "event":
-                        kind, node = data.get("kind"), data.get("node_id")
+                        kind: str = data["kind"]  # Registry.event always sets both
+                        node: str | None = data["node_id"]
                         self.ledger.agent_event(kind, node)
                         if kind == "registered" and node and self.auto_enabled:
                             self._awaiting.add(node)
@@ -251,7 +247,7 @@ class Distributor:
                 except Exception:
                     log.exception("distribution event handling failed")
         finally:
-            self.fleet.hub.unsubscribe(q)
+            self.registry.hub.unsubscribe(q)
 
     def _maybe_auto(self, node: str) -> None:
         """Decide once the agent's info, gpus and models are in (its first heartbeat follows them) and its
@@ -284,40 +280,3 @@ class Distributor:
             return
         self.registry.event("distribute", None, f"MQTT distribute of {model}: {len(plan.recs)} job(s), "
                             f"{len(plan.skipped)} skipped", **plan.to_json())
-
-
-def install(app: Sanic) -> None:
-    """Wire model distribution into the controller app: ledger, distributor, MQTT hooks, HTTP routes."""
-    fleet = app.ctx.fleet
-    cfg = fleet.cfg
-    try:
-        catalogue = load_catalogue(cfg.get("models_catalogue_file") or None)
-        tiers = load_tiers(cfg.get("model_tiers_file") or None)
-    except (CatalogueError, TiersError) as e:
-        raise ConfigError(str(e)) from None
-    ledger = JobLedger(cfg, fleet.registry, fleet.ingest, fleet.hub)
-    dist = Distributor(fleet, ledger, catalogue, tiers)
-    fleet.jobs, fleet.distributor = ledger, dist
-    fleet.ingest.job_handler = ledger.apply  # statuses that arrive before start() are buffered
-    fleet.ingest.commands["distribute"] = dist.on_command
-    fleet.ingest.commands["model.distribute"] = dist.on_command  # the name specs/mqtt.md first planned
-
-    from ollama_fleet.controller.api import docs as api_docs
-    from ollama_fleet.controller.api import models as api_models
-    from ollama_fleet.controller.api import ollama_models as api_ollama_models
-
-    app.blueprint(api_models.bp)
-    app.blueprint(api_ollama_models.bp)
-    api_docs.install(app)  # request bodies and parameters of every route (all blueprints), for /docs
-
-    # registered after the Fleet's own listeners: starts after the store exists, stops before it closes
-    @app.before_server_start
-    async def _start(app: Sanic) -> None:
-        await ledger.start(fleet.store)
-        dist.start()
-
-    @app.before_server_stop
-    async def _stop(app: Sanic) -> None:
-        with contextlib.suppress(Exception):
-            await dist.stop()
-        await ledger.stop()

@@ -1,4 +1,4 @@
-"""The job table and its queries (run on the store's threads; see controller/jobs.py for the ledger)."""
+"""The job table and its queries (run on the store's threads; the ledger is controller/jobs/ledger.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any, cast
 
 import peewee as pw
 
+from ollama_fleet.contract.jobs import TERMINAL, JobStatus
 from ollama_fleet.controller.db import Base, JSONField, register_models
 
-STATUSES = ("pending", "in_progress", "completed", "failed", "cancelled", "rejected")
-TERMINAL = frozenset(STATUSES[2:])
+UNFINISHED = tuple(s.value for s in JobStatus if not s.terminal)  # what the ledger loads at start
 CHUNK = 200  # rows per INSERT
 
 
@@ -50,19 +50,6 @@ register_models(Job)
 COLUMNS = tuple(f.name for f in Job._meta.sorted_fields if f.name != "id")
 
 
-def job_json(row: dict[str, Any]) -> dict[str, Any]:
-    """The API's task document, from a JobRec or a database row."""
-    return {
-        "id": row["task_id"], "job_id": row["job_id"], "agent_id": row["node_id"], "verb": row["verb"],
-        "model": row["model"], "origin": row["origin"], "status": row["status"], "progress": row["progress"],
-        "completed": row["completed"], "total": row["total"], "speed": row["speed"], "eta": row["eta"],
-        "phase": row["phase"], "error": row["error"], "error_code": row["error_code"], "args": row["args"],
-        "group": row["group_id"], "queue_if_offline": row["queue_if_offline"], "attempts": row["attempts"],
-        "created_at": row["created_at"], "dispatched_at": row["dispatched_at"], "started_at": row["started_at"],
-        "finished_at": row["finished_at"], "updated_at": row["updated_at"],
-    }
-
-
 def upsert(rows: list[dict[str, Any]]) -> int:
     preserve = [f for f in Job._meta.sorted_fields if f.name not in ("id", "task_id")]
     for i in range(0, len(rows), CHUNK):
@@ -71,20 +58,21 @@ def upsert(rows: list[dict[str, Any]]) -> int:
 
 
 def load_unfinished() -> list[dict[str, Any]]:
-    q = Job.select().where(Job.status.in_(("pending", "in_progress"))).order_by(Job.created_at)
+    q = Job.select().where(Job.status.in_(UNFINISHED)).order_by(Job.created_at)
     return cast(list[dict[str, Any]], list(q.dicts()))
 
 
 def find(node: str, job_id: str) -> dict[str, Any] | None:
-    return Job.select().where((Job.node_id == node) & (Job.job_id == job_id)).dicts().first()
+    q = Job.select().where((Job.node_id == node) & (Job.job_id == job_id))
+    return cast(dict[str, Any] | None, q.dicts().first())
 
 
 def task_exists(task_id: str) -> bool:
-    return Job.select().where(Job.task_id == task_id).exists()
+    return bool(Job.select().where(Job.task_id == task_id).exists())
 
 
 def get(task_id: str) -> dict[str, Any] | None:
-    return Job.select().where(Job.task_id == task_id).dicts().first()
+    return cast(dict[str, Any] | None, Job.select().where(Job.task_id == task_id).dicts().first())
 
 
 def query(filters: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
@@ -105,4 +93,5 @@ def query(filters: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
 
 
 def prune(before: float) -> int:
-    return Job.delete().where(Job.status.in_(list(TERMINAL)) & (Job.finished_at < before)).execute()
+    finished = Job.status.in_([s.value for s in TERMINAL])
+    return int(Job.delete().where(finished & (Job.finished_at < before)).execute())

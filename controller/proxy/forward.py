@@ -4,6 +4,7 @@ Request bytes go upstream unchanged (the body is parsed only for `model` and `st
 content type and bytes come back unchanged. A streamed answer (NDJSON or SSE) is forwarded chunk by
 chunk; anything else is read whole before it is sent, so a failure while reading it can still fail over.
 The hot path does no database I/O: counters live on the AgentRecord, log rows go to a buffer.
+A request's state (its log columns, routing decision, failures so far) is one Exchange, passed along.
 """
 
 from __future__ import annotations
@@ -14,27 +15,31 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sanic import Request
+from sanic.compat import Header
 from sanic.response import HTTPResponse
 
+from ollama_fleet.contract.model_names import normalize as normalize_model
 from ollama_fleet.contract.sanitize import clean_text
 from ollama_fleet.settings import Config
 
 from ollama_fleet.controller.edge import access
-from ollama_fleet.controller.edge.body import TooLarge, read_body
+from ollama_fleet.controller.edge.body import Payload, TooLarge, read_body
 from ollama_fleet.controller.edge.http import bearer, error_response, parse_json
+from ollama_fleet.controller.edge.peer import client_ip
+from ollama_fleet.controller.edge.timeouts import body_timed_out
 from ollama_fleet.controller.proxy.keys import KeyRing
 from ollama_fleet.controller.proxy.keys import state as key_state
-from ollama_fleet.controller.edge.peer import client_ip
-from ollama_fleet.controller.registry.live import AgentRecord, Registry
 from ollama_fleet.controller.proxy.requestlog import RequestLog, prune_rows, replay_journal, write_rows
-from ollama_fleet.controller.proxy.router import Decision, NoRoute, Router, normalize_model
-from ollama_fleet.controller.edge.timeouts import body_timed_out
-from ollama_fleet.controller.proxy.upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from ollama_fleet.controller.proxy.router import Decision, NoRoute, Router
+from ollama_fleet.controller.proxy.upstream import BodySource, UpstreamError, UpstreamPool, UpstreamResponse
+from ollama_fleet.controller.registry.live import AgentRecord, Registry
+from ollama_fleet.controller.registry.store import Store
 
 log = logging.getLogger("fleet.proxy")
 
@@ -132,33 +137,87 @@ def _last_int(regex: re.Pattern[bytes], data: bytes | bytearray) -> int | None:
     return int(last.group(1)) if last else None
 
 
+@dataclass(slots=True)
+class Exchange:
+    """One routed request from arrival to its log row: what every step of the forwarding reads and sets.
+    Created once per request; the log columns are plain attributes until `row()` at the end."""
+
+    request: Request
+    ep: Endpoint
+    t0: float  # perf_counter() at arrival: ttfb and duration count from here
+    rid: str
+    ts: float
+    client: str
+    key: str | None = None
+    model: str | None = None
+    stream: bool = False
+    agent: str | None = None  # the agent tried last (the one that answered, when one did)
+    status: int = 0
+    attempts: int = 0
+    ttfb_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+    failover: str | None = None
+    payload: Payload | None = None
+    body: bytes | BodySource = b""  # what goes upstream (the payload's bytes, or the payload itself)
+    headers: Sequence[tuple[str, str]] = ()  # the request headers that go upstream
+    decision: Decision | None = None
+    failures: list[str] = field(default_factory=list)  # "<node>: <why>" per attempt that failed over
+    logged: bool = False
+
+    def since_ms(self) -> float:
+        return round((time.perf_counter() - self.t0) * 1000, 3)
+
+    def row(self) -> dict[str, Any]:
+        """The request log's row (requestlog.COLUMNS)."""
+        return {
+            "rid": self.rid, "ts": self.ts, "client": self.client, "key": self.key, "endpoint": self.ep.path,
+            "model": self.model, "stream": self.stream, "agent": self.agent, "status": self.status,
+            "attempts": self.attempts, "ttfb_ms": self.ttfb_ms, "duration_ms": self.since_ms(),
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "error": self.error, "failover": self.failover,
+        }
+
+
+@dataclass(slots=True)
+class Answer:
+    """An upstream's answer before anything of it went to the client: status, content type, the headers
+    to pass back, and the whole body (`streamed`: only the first chunk, the rest still to come)."""
+
+    status: int
+    ctype: str
+    headers: dict[str, str]
+    data: bytes
+    streamed: bool
+
+
 class _Failed(Exception):
     """An attempt that failed before the first byte: try the next candidate."""
 
-    def __init__(self, why: str, response: tuple[int, dict[str, str], str, bytes] | None = None,
-                 cool: bool = True) -> None:
+    def __init__(self, why: str, answer: Answer | None = None, cool: bool = True) -> None:
         super().__init__(why)
-        self.why, self.response, self.cool = why, response, cool
+        self.why, self.answer, self.cool = why, answer, cool
 
 
 class Proxy:
     def __init__(self, cfg: Config, registry: Registry) -> None:
         self.cfg = cfg
         self.registry = registry
-        self.router = Router(cfg.routing_strategy, float(cfg.proxy_cooldown))
-        self.max_attempts = max(1, int(cfg.proxy_max_attempts))
+        self.router = Router(cfg.routing_strategy, cfg.proxy_cooldown)
+        self.max_attempts = max(1, cfg.proxy_max_attempts)
         self.debug = cfg.log_level == "DEBUG"
         self.requests = RequestLog()
         self.keys = KeyRing()
-        self.upstream: UpstreamPool | None = None
-        self.store: Any = None
+        self.upstream = UpstreamPool(cfg.proxy_connect_timeout, cfg.proxy_read_timeout)
+        self.store: Store | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._flush_lock = asyncio.Lock()
-        self.max_body = int(cfg.max_body_bytes)
+        self.max_body = cfg.max_body_bytes
         self.spool_dir: Path | None = None  # large bodies; the system's temp dir may be RAM (tmpfs)
 
     # ---- lifecycle ---------------------------------------------------------------------------
-    async def start(self, store: Any) -> None:
+    async def start(self, store: Store) -> None:
         self.store = store
         cfg = self.cfg
         await self._open_journal(store)
@@ -167,15 +226,14 @@ class Proxy:
             self.spool_dir = cfg.data_path / SPOOL_DIR
         except OSError as e:
             log.warning("no spool directory in data_dir (%s): large bodies go to the system's temp dir", e)
-        self.upstream = UpstreamPool(float(cfg.proxy_connect_timeout), float(cfg.proxy_read_timeout))
         self.keys.load(*await store.read(key_state))
         self._tasks = [
-            asyncio.create_task(self._every(float(cfg.flush_interval), self.flush), name="proxy-log-flush"),
+            asyncio.create_task(self._every(cfg.flush_interval, self.flush), name="proxy-log-flush"),
             asyncio.create_task(self._every(KEYS_RELOAD_EVERY, self._reload_keys), name="proxy-keys"),
             asyncio.create_task(self._every(PRUNE_EVERY, self._prune, first=0.0), name="proxy-log-prune"),
         ]
 
-    async def _open_journal(self, store: Any) -> None:
+    async def _open_journal(self, store: Store) -> None:
         """The request log's journal in data_dir; segments a crash left behind are written first."""
         try:
             self.requests = RequestLog(self.cfg.data_path / JOURNAL_DIR)
@@ -195,8 +253,7 @@ class Proxy:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self.upstream is not None:
-            self.upstream.close()
+        self.upstream.close()
         committed = False
         if self.store is not None:
             try:
@@ -216,26 +273,32 @@ class Proxy:
             rows, sealed = self.requests.drain()
             if rows or barrier:
                 try:
-                    _, dropped = await self.store.write(write_rows, rows)
+                    _, dropped = await self._store().write(write_rows, rows)
                 except Exception:
                     self.requests.requeue(rows)
                     raise
                 self.requests.committed(sealed, dropped)
 
     async def _reload_keys(self) -> None:
-        self.keys.load(*await self.store.read(key_state))
+        self.keys.load(*await self._store().read(key_state))
 
     async def _prune(self) -> None:
-        days = float(self.cfg.request_log_retention_days)
-        await self.store.write(prune_rows, time.time() - days * 86400)
+        days = self.cfg.request_log_retention_days
+        await self._store().write(prune_rows, time.time() - days * 86400)
 
-    async def _every(self, interval: float, fn: Any, first: float | None = None) -> None:
+    def _store(self) -> Store:
+        if self.store is None:
+            raise RuntimeError("the proxy has not been started")
+        return self.store
+
+    async def _every(self, interval: float, fn: Callable[[], Awaitable[None]],
+                     first: float | None = None) -> None:
         await asyncio.sleep(interval if first is None else first)
         while True:
             try:
                 await fn()
             except Exception:
-                log.exception("%s failed; retrying next interval", getattr(fn, "__name__", fn))
+                log.exception("%s failed; retrying next interval", fn.__qualname__)
             await asyncio.sleep(interval)
 
     # ---- auth --------------------------------------------------------------------------------
@@ -258,131 +321,120 @@ class Proxy:
 
     # ---- the routed request ------------------------------------------------------------------
     async def forward(self, request: Request, ep: Endpoint) -> HTTPResponse | None:
-        t0 = time.perf_counter()
-        rec: dict[str, Any] = {
-            "rid": os.urandom(8).hex(), "ts": time.time(), "client": client_ip(request),
-            "key": None, "endpoint": ep.path, "model": None, "stream": False, "agent": None, "status": 0,
-            "attempts": 0, "ttfb_ms": None, "duration_ms": 0.0, "prompt_tokens": None,
-            "completion_tokens": None, "error": None, "failover": None,
-        }
+        x = Exchange(request, ep, time.perf_counter(), os.urandom(8).hex(), time.time(), client_ip(request))
         resp: HTTPResponse | None = None
         try:
-            resp = await self._forward(request, ep, rec, t0)
+            resp = await self._forward(x)
             return resp
         except asyncio.CancelledError:
-            if body_timed_out(request):  # the body deadline (controller/timeouts.py) answered 408
-                rec["status"], rec["error"] = 408, "request body not received within body_timeout"
+            if body_timed_out(request):  # the body deadline (controller/edge/timeouts.py) answered 408
+                x.status, x.error = 408, "request body not received within body_timeout"
             else:
-                rec["status"], rec["error"] = 499, rec["error"] or "client disconnected"
+                x.status, x.error = 499, x.error or "client disconnected"
             raise
         finally:
-            if resp is not None and not rec["status"]:
-                rec["status"] = resp.status
-            self._finish(rec, t0)
-            payload = getattr(request.ctx, "fleet_body", None)
-            if payload is not None:
-                payload.close()
+            if resp is not None and not x.status:
+                x.status = resp.status
+            self._finish(x)
+            if x.payload is not None:
+                x.payload.close()
 
-    def _finish(self, rec: dict[str, Any], t0: float) -> None:
+    def _finish(self, x: Exchange) -> None:
         """Log the request, once. Called before the answer's last byte is handed to the socket (a returned
         response is written by Sanic after this): the journal append is synchronous, so a request whose
         client saw the whole answer is on disk even if the controller is SIGKILLed right after."""
-        if rec.get("_logged"):
+        if x.logged:
             return
-        rec["_logged"] = True
-        rec["duration_ms"] = round((time.perf_counter() - t0) * 1000, 3)
-        self.requests.add(rec)
+        x.logged = True
+        self.requests.add(x.row())
 
-    async def _forward(self, request: Request, ep: Endpoint, rec: dict[str, Any],
-                       t0: float) -> HTTPResponse | None:
-        rec["key"], denied = self.authorize(request, ep.openai)
+    async def _forward(self, x: Exchange) -> HTTPResponse | None:
+        request, ep = x.request, x.ep
+        x.key, denied = self.authorize(request, ep.openai)
         if denied is not None:
-            rec["error"] = "unauthorized"
+            x.error = "unauthorized"
             return denied
         try:
-            payload = request.ctx.fleet_body = await read_body(request, self.max_body, self.spool_dir)
+            payload = x.payload = await read_body(request, self.max_body, self.spool_dir)
         except TooLarge as e:
             if not e.drained:  # the rest of the body is still coming: answer, then close
                 request.stream.keep_alive = False  # type: ignore[union-attr]
-            return self._reject(rec, ep, 413, str(e))
+            return self._reject(x, 413, str(e))
         raw = payload.data
         if not payload.size:
-            return self._reject(rec, ep, 400, "missing request body" if not ep.openai else "EOF")
+            return self._reject(x, 400, "missing request body" if not ep.openai else "EOF")
         try:
             if raw is None:  # a large body, spooled: only the fields the proxy reads, found by a scanner
                 body = payload.fields()
             else:
                 body = parse_json(raw)  # bounded depth: no RecursionError (500) from nested input
         except ValueError as e:
-            return self._reject(rec, ep, 400, f"invalid JSON body: {e}")
+            return self._reject(x, 400, f"invalid JSON body: {e}")
         if not isinstance(body, dict):
-            return self._reject(rec, ep, 400, "request body must be a JSON object")
+            return self._reject(x, 400, "request body must be a JSON object")
         model = body.get("model") or (body.get("name") if ep.name_alias else None)
         if not isinstance(model, str) or not model.strip():
-            return self._reject(rec, ep, 400, "model is required")
+            return self._reject(x, 400, "model is required")
         stream = body.get("stream", ep.stream_default)
-        rec["stream"] = stream is not False if not ep.openai else stream is True
+        x.stream = stream is not False if not ep.openai else stream is True
         model = clean_text(model, None)  # a lone surrogate or NUL never reaches the log, a page or a reply
-        rec["model"] = clean_text(normalize_model(model), MAX_TEXT)  # a VARCHAR(255) on PostgreSQL
+        x.model = clean_text(normalize_model(model), MAX_TEXT)  # a VARCHAR(255) on PostgreSQL
 
         decision = self.router.choose(self.registry.agents.values(), model, request.headers.get("x-fleet-agent"))
         if isinstance(decision, NoRoute):
-            return self._reject(rec, ep, 404 if decision.kind == "not_found" else 503, decision.message)
-
+            return self._reject(x, 404 if decision.kind == "not_found" else 503, decision.message)
+        x.decision = decision
+        x.body = payload.upload()
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_DROP]
         headers.append(("accept-encoding", "identity"))  # keep bytes readable for the token tap
-        failures: list[str] = []
-        last_error: tuple[AgentRecord, tuple[int, dict[str, str], str, bytes]] | None = None
+        x.headers = headers
+        last_error: tuple[AgentRecord, Answer] | None = None
         order = decision.order[:self.max_attempts]
         for i, agent in enumerate(order):
-            rec["attempts"] = i + 1
-            rec["agent"] = agent.node_id
+            x.attempts = i + 1
+            x.agent = agent.node_id
             try:
-                return await self._attempt(request, ep, agent, headers, decision, failures, rec, t0,
-                                           last=i == len(order) - 1)
+                return await self._attempt(x, agent, last=i == len(order) - 1)
             except _Failed as f:
-                failures.append(f"{agent.node_id}: {f.why}")
-                rec["failover"] = "; ".join(failures)[:ERROR_TEXT_MAX]
+                x.failures.append(f"{agent.node_id}: {f.why}")
+                x.failover = "; ".join(x.failures)[:ERROR_TEXT_MAX]
                 if f.cool:
                     self.router.failed(agent.node_id)
-                if f.response is not None:
-                    last_error = (agent, f.response)
-                log.info("request %s: %s failed before the first byte (%s)%s", rec["rid"], agent.node_id, f.why,
+                if f.answer is not None:
+                    last_error = (agent, f.answer)
+                log.info("request %s: %s failed before the first byte (%s)%s", x.rid, agent.node_id, f.why,
                          "; trying the next agent" if i + 1 < len(order) else "")
-        rec["error"] = rec["failover"]
+        x.error = x.failover
         if last_error is not None:  # the upstream's own answer, as is
-            agent, (status, hdrs, ctype, data) = last_error
-            rec["agent"] = agent.node_id
-            out = HTTPResponse(data, status=status, headers=hdrs, content_type=ctype)
+            agent, answer = last_error
+            x.agent = agent.node_id
+            out = HTTPResponse(answer.data, status=answer.status, headers=answer.headers,
+                               content_type=answer.ctype)
         else:
-            rec["agent"] = None
+            x.agent = None
             n = len(order)
-            out = ep.error(502, f"all {n} agent{'s' if n > 1 else ''} failed: {rec['error']}")
-        self._decorate(out.headers, request, rec, decision, failures)
-        rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+            out = ep.error(502, f"all {n} agent{'s' if n > 1 else ''} failed: {x.error}")
+        self._decorate(out.headers, x)
+        x.ttfb_ms = x.since_ms()
         return out
 
-    def _reject(self, rec: dict[str, Any], ep: Endpoint, status: int, message: str) -> HTTPResponse:
-        rec["error"] = message[:ERROR_TEXT_MAX]
-        resp = ep.error(status, message)
-        resp.headers["x-fleet-request-id"] = rec["rid"]  # refused requests are logged too: let clients find them
+    def _reject(self, x: Exchange, status: int, message: str) -> HTTPResponse:
+        x.error = message[:ERROR_TEXT_MAX]
+        resp = x.ep.error(status, message)
+        resp.headers["x-fleet-request-id"] = x.rid  # refused requests are logged too: let clients find them
         return resp
 
-    def _decorate(self, headers: Any, request: Request, rec: dict[str, Any], decision: Decision,
-                  failures: list[str]) -> None:
-        if rec["agent"]:
-            headers["x-fleet-agent"] = rec["agent"]
-        headers["x-fleet-request-id"] = rec["rid"]
-        if self.debug or request.headers.get("x-fleet-debug") == "1":
-            reason = decision.reason()
-            if failures:
-                reason += "; failed over: " + "; ".join(failures)
+    def _decorate(self, headers: Header, x: Exchange) -> None:
+        if x.agent:
+            headers["x-fleet-agent"] = x.agent
+        headers["x-fleet-request-id"] = x.rid
+        if x.decision is not None and (self.debug or x.request.headers.get("x-fleet-debug") == "1"):
+            reason = x.decision.reason()
+            if x.failures:
+                reason += "; failed over: " + "; ".join(x.failures)
             headers["x-fleet-route-reason"] = reason
 
-    async def _attempt(self, request: Request, ep: Endpoint, agent: AgentRecord, headers: list[tuple[str, str]],
-                       decision: Decision, failures: list[str], rec: dict[str, Any], t0: float,
-                       last: bool) -> HTTPResponse | None:
-        assert self.upstream is not None
+    async def _attempt(self, x: Exchange, agent: AgentRecord, last: bool) -> HTTPResponse | None:
         if not agent.ollama_url:
             raise _Failed("no Ollama URL known")
         started = time.perf_counter()
@@ -391,35 +443,35 @@ class Proxy:
         failed = True
         try:
             try:
-                upstream = await self.upstream.post(agent.ollama_url, ep.path, headers,
-                                                    request.ctx.fleet_body.upload())
+                upstream = await self.upstream.post(agent.ollama_url, x.ep.path, x.headers, x.body)
                 status = upstream.status
                 ctype = upstream.header("content-type")
-                if status < 400 and ctype.startswith(STREAM_TYPES):
+                streamed = status < 400 and ctype.startswith(STREAM_TYPES)
+                if streamed:
                     chunks = upstream.chunks()
-                    first = await anext(chunks, b"")
+                    data = await anext(chunks, b"")
                 else:
                     data = await upstream.read()
             except UpstreamError as e:
                 raise _Failed(f"{type(e).__name__}: {e}"[:200]) from None
-            out_headers = {k: v for k, v in upstream.headers if k not in RESPONSE_DROP}
+            answer = Answer(status, ctype, {k: v for k, v in upstream.headers if k not in RESPONSE_DROP}, data,
+                            streamed)
             if status >= 500 or (status == 404 and not last and b"not found" in data):
                 # 5xx and Ollama's busy 503 move on; a 404 here means the registry's model list is stale
-                raise _Failed(f"HTTP {status}", (status, out_headers, ctype, data), cool=status >= 500)
+                raise _Failed(f"HTTP {status}", answer, cool=status >= 500)
             self.router.succeeded(agent.node_id)
-            if status < 400 and ctype.startswith(STREAM_TYPES):
-                await self._stream(request, ep, agent, upstream, chunks, first, out_headers, ctype, decision,
-                                   failures, rec, t0)
-                failed = rec["error"] is not None
+            if streamed:
+                await self._stream(x, agent, upstream, chunks, answer)
+                failed = x.error is not None
                 return None  # sent through request.respond(); returning it would make Sanic log an error
             failed = status >= 500
-            out = HTTPResponse(data, status=status, headers=out_headers, content_type=ctype or None)
-            self._decorate(out.headers, request, rec, decision, failures)
-            rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+            out = HTTPResponse(data, status=status, headers=answer.headers, content_type=ctype or None)
+            self._decorate(out.headers, x)
+            x.ttfb_ms = x.since_ms()
             if status < 400:
-                rec["prompt_tokens"], rec["completion_tokens"] = Tap.tokens_of(data)
+                x.prompt_tokens, x.completion_tokens = Tap.tokens_of(data)
             else:
-                rec["error"] = data[:ERROR_TEXT_MAX].decode(errors="replace")
+                x.error = data[:ERROR_TEXT_MAX].decode(errors="replace")
             return out
         finally:
             agent.in_flight -= 1
@@ -430,43 +482,43 @@ class Proxy:
             if upstream is not None:
                 upstream.close()
 
-    async def _stream(self, request: Request, ep: Endpoint, agent: AgentRecord, upstream: UpstreamResponse,
-                      chunks: Any, first: bytes, out_headers: dict[str, str], ctype: str, decision: Decision,
-                      failures: list[str], rec: dict[str, Any], t0: float) -> None:
+    async def _stream(self, x: Exchange, agent: AgentRecord, upstream: UpstreamResponse,
+                      chunks: AsyncIterator[bytes], answer: Answer) -> None:
         """Forward a stream as it arrives (what arrived together leaves together, the last piece with the
         end of the response: one write each). After the first byte a failure can only end it in-band."""
-        response = await request.respond(status=upstream.status, headers=out_headers, content_type=ctype)
-        self._decorate(response.headers, request, rec, decision, failures)
+        ctype = answer.ctype
+        response = await x.request.respond(status=answer.status, headers=answer.headers, content_type=ctype)
+        self._decorate(response.headers, x)
         tap = Tap()
         sse = ctype.startswith("text/event-stream")
-        chunk: bytes | None = first
+        chunk: bytes | None = answer.data
         try:
             while chunk is not None:
                 tap.feed(chunk)
                 if sse:
                     tap.events += chunk.count(b"\n\n")
                 last = upstream.finished
-                if rec["ttfb_ms"] is None:
-                    rec["ttfb_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+                if x.ttfb_ms is None:
+                    x.ttfb_ms = x.since_ms()
                 if last:  # logged before the end goes out (see _finish)
-                    self._stream_done(rec, tap, upstream.status, tap.error(), t0)
+                    self._stream_done(x, tap, answer.status, tap.error())
                 await response.send(chunk, end_stream=last)
                 if last:
                     break
                 chunk = await anext(chunks, None)
             else:
-                self._stream_done(rec, tap, upstream.status, tap.error(), t0)
+                self._stream_done(x, tap, answer.status, tap.error())
                 await response.eof()
         except UpstreamError as e:
             message = f"agent {agent.node_id} failed mid-stream: {type(e).__name__}: {e}"[:ERROR_TEXT_MAX]
             sep = b"" if tap.tail.endswith(b"\n") else (b"\n\n" if sse else b"\n")
-            self._stream_done(rec, tap, upstream.status, message, t0)
-            await response.send(sep + inband_error(ctype, ep.path, message, tap.events), end_stream=True)
-            log.warning("request %s: %s", rec["rid"], message)
+            self._stream_done(x, tap, answer.status, message)
+            await response.send(sep + inband_error(ctype, x.ep.path, message, tap.events), end_stream=True)
+            log.warning("request %s: %s", x.rid, message)
             self.router.failed(agent.node_id)
 
-    def _stream_done(self, rec: dict[str, Any], tap: Tap, status: int, error: str | None, t0: float) -> None:
-        rec["error"] = error
-        rec["prompt_tokens"], rec["completion_tokens"] = tap.tokens()
-        rec["status"] = status
-        self._finish(rec, t0)
+    def _stream_done(self, x: Exchange, tap: Tap, status: int, error: str | None) -> None:
+        x.error = error
+        x.prompt_tokens, x.completion_tokens = tap.tokens()
+        x.status = status
+        self._finish(x)

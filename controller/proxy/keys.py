@@ -77,7 +77,7 @@ def state() -> tuple[dict[str, str], bool]:
 
 def purge() -> int:
     """Delete revoked keys; when no active key is left, the proxy is open again. Returns the rows deleted."""
-    return ApiKey.delete().where(ApiKey.revoked.is_null(False)).execute()
+    return int(ApiKey.delete().where(ApiKey.revoked.is_null(False)).execute())
 
 
 class KeyRing:

@@ -1,6 +1,6 @@
 """`fleet keys add NAME | list | revoke ID|NAME|PREFIX | purge`: API keys in the controller's database.
 
-Kept free of heavy imports: `fleet/cli.py` imports this module to build its parser.
+Kept free of heavy imports: `ollama_fleet/cli.py` imports this module to build its parser.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def _database_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ollama_fleet import settings
     from ollama_fleet.controller import db as dbm
     from ollama_fleet.controller.proxy import keys
-    from ollama_fleet import settings
 
     cfg = settings.load([settings.CONTROLLER], args)
     from ollama_fleet.controller.migrations import SchemaTooNew

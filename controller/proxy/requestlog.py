@@ -1,10 +1,10 @@
 """The request log: one row per proxied request, journalled at once, written to the database in batches.
 
-The hot path cleans the row's text (fleet.sanitize), appends it to a journal segment (one `write(2)`
-into the page cache, before the answer's last byte leaves: a SIGKILL loses no answered request) and to
-an in-memory buffer; the flusher hands the buffer to the store's writer thread and deletes the journal
-segments once their rows are committed. A start replays the segments a crash left behind. A row the
-database refuses is logged, counted and dropped; the rest of its batch is written.
+The hot path cleans the row's text (ollama_fleet/contract/sanitize.py), appends it to a journal segment
+(one `write(2)` into the page cache, before the answer's last byte leaves: a SIGKILL loses no answered
+request) and to an in-memory buffer; the flusher hands the buffer to the store's writer thread and
+deletes the journal segments once their rows are committed. A start replays the segments a crash left
+behind. A row the database refuses is logged, counted and dropped; the rest of its batch is written.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 
 import peewee as pw
 
+from ollama_fleet.contract.model_names import normalize as normalize_model
 from ollama_fleet.contract.sanitize import clean_text
 
 from ollama_fleet.controller.db import Base, db, register_models
 from ollama_fleet.controller.exports import to_csv as safe_csv
-from ollama_fleet.controller.proxy.router import normalize_model
 
 log = logging.getLogger("fleet.requestlog")
 
@@ -279,7 +279,7 @@ def replay_journal(paths: list[Path]) -> tuple[int, int]:
 
 
 def prune_rows(before: float) -> int:
-    return RequestRecord.delete().where(RequestRecord.ts < before).execute()
+    return int(RequestRecord.delete().where(RequestRecord.ts < before).execute())
 
 
 def parse_time(value: str) -> float:

@@ -10,12 +10,16 @@ from typing import Any
 from sanic import Blueprint, Request, json
 from sanic.response import HTTPResponse, redirect, text
 
+from ollama_fleet.contract.model_names import normalize as normalize_model
+
+from ollama_fleet.controller.compose import fleet_of
 from ollama_fleet.controller.dashboard.login import wants_html
-from ollama_fleet.controller.proxy.forward import Endpoint, Proxy, error_response
+from ollama_fleet.controller.edge.http import error_response
+from ollama_fleet.controller.proxy.forward import Endpoint, Proxy
 from ollama_fleet.controller.registry.live import AgentRecord
-from ollama_fleet.controller.proxy.router import normalize_model
 
 bp = Blueprint("proxy")
+# GET+HEAD routes are registered with add_route: bp.route() is an untyped decorator (mypy --strict)
 
 ROUTED = (
     Endpoint("/api/chat", openai=False, stream_default=True),
@@ -32,7 +36,7 @@ NO_VERSION = "0.0.0"
 
 
 def _proxy(request: Request) -> Proxy:
-    return request.app.ctx.fleet.proxy
+    return fleet_of(request).proxy
 
 
 def _routed(ep: Endpoint) -> Callable[[Request], Any]:
@@ -50,7 +54,7 @@ for _ep in ROUTED:
 
 # ---- fleet views ----------------------------------------------------------------------------------
 def _routable(request: Request) -> list[AgentRecord]:
-    agents = request.app.ctx.fleet.registry.agents.values()
+    agents = fleet_of(request).registry.agents.values()
     return sorted((a for a in agents if a.routable), key=lambda a: a.node_id)
 
 
@@ -58,18 +62,22 @@ def _denied(request: Request, openai: bool) -> HTTPResponse | None:
     return _proxy(request).authorize(request, openai)[1]
 
 
-@bp.route("/", methods=["GET", "HEAD"])
 async def root(request: Request) -> HTTPResponse:
     if wants_html(request):  # a browser: the dashboard; Ollama clients (Accept */* or none) get the text
         return redirect("/dashboard", status=302)
     return text("Ollama is running")
 
 
-@bp.route("/api/version", methods=["GET", "HEAD"])
+bp.add_route(root, "/", methods=["GET", "HEAD"])
+
+
 async def version(request: Request) -> HTTPResponse:
     """The lowest Ollama version in the fleet: what every agent can be assumed to support."""
-    versions = [a.ollama_version for a in request.app.ctx.fleet.registry.agents.values() if a.ollama_version]
+    versions = [a.ollama_version for a in fleet_of(request).registry.agents.values() if a.ollama_version]
     return json({"version": min(versions, key=_version_key) if versions else NO_VERSION})
+
+
+bp.add_route(version, "/api/version", methods=["GET", "HEAD"])
 
 
 def _version_key(v: str) -> tuple[int, ...]:
@@ -91,9 +99,11 @@ def _installed(request: Request) -> list[dict[str, Any]]:
     return sorted(seen.values(), key=lambda e: e["modified_at"] or "", reverse=True)
 
 
-@bp.route("/api/tags", methods=["GET", "HEAD"])
 async def tags(request: Request) -> HTTPResponse:
     return _denied(request, False) or json({"models": _installed(request)})
+
+
+bp.add_route(tags, "/api/tags", methods=["GET", "HEAD"])
 
 
 @bp.get("/api/ps")

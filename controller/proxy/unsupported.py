@@ -1,7 +1,7 @@
 """Ollama endpoints the controller does not offer, answered 501 in Ollama's error shape.
 
 /api/pull, /api/push, /api/create, /api/copy and /api/delete are fleet-wide now
-(controller/api_ollama_models.py). /api/blobs/* stays here: an upload reaches one machine, and a model
+(controller/api/ollama_models.py). /api/blobs/* stays here: an upload reaches one machine, and a model
 created from it would exist on that machine only; create it on one agent's Ollama, then distribute it.
 """
 
@@ -20,7 +20,9 @@ def _not_yet(request: Request) -> HTTPResponse:
     return json({"error": MESSAGE.format(what=f"{request.method} {request.path}")}, status=501)
 
 
-# stream=True: answer without reading a GGUF-sized upload first
-@bp.route("/api/blobs/<digest:str>", methods=["HEAD", "POST"], stream=True)
 async def blobs(request: Request, digest: str) -> HTTPResponse:
     return _not_yet(request)
+
+
+# stream=True: answer without reading a GGUF upload first; add_route: bp.route() is an untyped decorator
+bp.add_route(blobs, "/api/blobs/<digest:str>", methods=["HEAD", "POST"], stream=True)

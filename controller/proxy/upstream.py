@@ -1,10 +1,16 @@
 """A lean HTTP/1.1 client for controller -> Ollama traffic: keep-alive pools, httptools' C parser.
 
+Every request the controller sends to an agent's Ollama goes through this client, with one error
+vocabulary (UpstreamError: ConnectError, ReadTimeout, ProtocolError): the proxy's routed requests, and
+the fleet-wide model management that calls each agent's Ollama itself (/api/copy, /api/create, /api/push
+in controller/api/ollama_models.py, through `call()` and `post()`). The agent reaches its own Ollama with
+httpx: that hop is a different process's, off the proxy path, and keeps httpx's vocabulary there.
+
 Why not httpx here: measured on this project's 2-core machine, one httpx.AsyncClient request cost
 ~1.1 ms of CPU at concurrency 1 and ~2.2 ms at 16+ (httpcore alone: 0.8 to 3.3 ms, its pool scheduling
 grows with the number of connections), which alone caps the proxy at a fraction of what one Ollama
-serves. This client does only what the proxy needs: POST a body, hand back status and headers as soon as
-they arrive, then the body chunk by chunk (de-chunked), with a connect timeout and an idle read timeout.
+serves. This client does only what the controller needs: POST a body, hand back status and headers as soon
+as they arrive, then the body chunk by chunk (de-chunked), with a connect timeout and an idle read timeout.
 Closing a response before its end aborts the connection, so the upstream sees the client go away.
 No environment proxies are consulted (LAN traffic must never go through HTTP(S)_PROXY).
 """
@@ -15,19 +21,20 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import httptools
 
+JSON_HEADERS = (("content-type", "application/json"),)
 MAX_BUFFER = 1 << 20  # bytes read ahead of a slow consumer before the socket stops being read
 MAX_IDLE_PER_HOST = 512
 IDLE_EXPIRY = 30.0  # seconds an idle connection is kept for reuse
 
 
 class BodySource(Protocol):
-    """A request body too large to hold in memory (controller/body.py): its size, and its bytes in pieces
+    """A request body too large to hold in memory (controller/edge/body.py): its size, and its bytes in pieces
     from the start (called again for a retry)."""
 
     size: int
@@ -37,6 +44,14 @@ class BodySource(Protocol):
 
 class UpstreamError(Exception):
     """Nothing usable came back: connection refused or reset, timeout, malformed answer."""
+
+
+class Reply(NamedTuple):
+    """A whole answer (`UpstreamPool.call`)."""
+
+    status: int
+    content_type: str
+    body: bytes
 
 
 class ConnectError(UpstreamError):
@@ -258,7 +273,7 @@ class UpstreamPool:
             t = self._targets[base_url] = _Target(base_url)
         return t
 
-    async def post(self, base_url: str, path: str, headers: list[tuple[str, str]],
+    async def post(self, base_url: str, path: str, headers: Sequence[tuple[str, str]],
                    body: bytes | BodySource) -> UpstreamResponse:
         """Send; return once status and headers are in. A reused connection that turns out closed is
         replaced once, transparently (the server may close an idle keep-alive connection at any time).
@@ -297,6 +312,16 @@ class UpstreamPool:
                 raise
             return UpstreamResponse(conn, self)
         raise AssertionError("unreachable")
+
+    async def call(self, base_url: str, path: str, body: bytes,
+                   headers: Sequence[tuple[str, str]] = JSON_HEADERS) -> Reply:
+        """POST and read the whole answer (for answers that are small or awaited whole); the connection
+        goes back to the pool. Raises UpstreamError."""
+        response = await self.post(base_url, path, headers, body)
+        try:
+            return Reply(response.status, response.header("content-type"), await response.read())
+        finally:
+            response.close()
 
     async def _send_pieces(self, conn: _Conn, head: bytes, body: BodySource) -> None:
         """Write `body` with flow control; stop early when the upstream already answered or went away

@@ -44,7 +44,7 @@ class Ingest:
         self.cfg = cfg
         self.registry = registry
         self.topics = Topics(cfg.topic_prefix)
-        self.max_bytes = int(cfg.max_payload_bytes)
+        self.max_bytes = cfg.max_payload_bytes
         self.instance = new_session()
         self.counters: Counter[str] = Counter()
         self.latency: deque[float] = deque(maxlen=20000)  # heartbeat publish -> registry, seconds

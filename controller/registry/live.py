@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ollama_fleet.contract.sanitize import clean_text
+from ollama_fleet.contract.status import AgentStatus
 
 from ollama_fleet.controller.hub import Hub
 from ollama_fleet.controller.registry.reach import effective_url
 
 log = logging.getLogger("fleet.registry")
 
-UP_STATES = ("online",)
+UP_STATES = (AgentStatus.ONLINE.value,)  # plain str: compared on the proxy's hot path
 MAX_TEXT = 255  # agent-supplied strings stored in VARCHAR(255) columns (PostgreSQL enforces the length)
 REQUEUE_CAP = 50_000  # events/samples kept across failing flushes before the oldest are let go
 _META = ("v", "session", "ts")

@@ -196,8 +196,9 @@ def _rows(query: Any) -> list[dict[str, Any]]:
 
 
 def prune(metrics_before: float, events_before: float) -> int:
-    n = MetricSample.delete().where(MetricSample.ts < metrics_before).execute()
-    return n + Event.delete().where(Event.ts < events_before).execute()
+    n: int = MetricSample.delete().where(MetricSample.ts < metrics_before).execute()
+    m: int = Event.delete().where(Event.ts < events_before).execute()
+    return n + m
 
 
 def query_events(node: str | None, kind: str | None, since: float | None, limit: int,

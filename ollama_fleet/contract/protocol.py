@@ -11,7 +11,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from ollama_fleet.contract.sanitize import clean_tree, depth, loads_strict
 from ollama_fleet.contract.status import WIRE_STATES
@@ -145,7 +145,7 @@ def decode(raw: bytes | bytearray | memoryview | str, max_bytes: int) -> dict[st
         raise ProtocolError("bad_payload", "missing integer 'v'")
     if not PROTO_RANGE[0] <= v <= PROTO_RANGE[1]:
         raise ProtocolError("unsupported_version", f"v={v}")
-    return doc
+    return cast(dict[str, Any], doc)
 
 
 def _require(doc: dict[str, Any], key: str, types: type | tuple[type, ...]) -> Any:
@@ -168,7 +168,7 @@ def _list_of_dicts(doc: dict[str, Any], key: str) -> list[dict[str, Any]]:
     items = _require(doc, key, list)
     if not all(isinstance(i, dict) for i in items):
         raise ProtocolError("bad_payload", f"'{key}' must be a list of objects")
-    return items
+    return cast(list[dict[str, Any]], items)
 
 
 NUM = (int, float)
