@@ -24,6 +24,7 @@ from ollama_fleet.controller.dashboard import pages as dashboard
 from ollama_fleet.controller.edge import access
 from ollama_fleet.controller.edge import origin
 from ollama_fleet.controller.edge import peer
+from ollama_fleet.controller.edge.context import EdgeView
 from ollama_fleet.controller.edge.http import App, sanic_error, unexpected_error
 from ollama_fleet.controller.proxy import routes as api_proxy
 from ollama_fleet.controller.proxy import unsupported as api_unsupported
@@ -69,9 +70,8 @@ def create_app(cfg: Config, companion: CompanionFactory | None = None, name: str
     Extend(app)
     check_security(cfg)
     fleet = Fleet(cfg, companion)
-    app.ctx.fleet = fleet  # handlers: compose.fleet_of(request)
-    app.ctx.throttle = fleet.throttle  # read by controller/edge/access.py
-    app.ctx.sessions = fleet.sessions  # read by controller/dashboard/login.py
+    edge: EdgeView = fleet  # what the HTTP edge reads (controller/edge/context.py); mypy checks the fit
+    app.ctx.fleet = edge  # handlers: compose.fleet_of(request); the edge: context.edge_of(request)
     app.on_request(origin.check)  # first: a foreign page or host name is refused before anything else
     app.on_request(access.guard)
     app.on_response(origin.decorate)  # type: ignore[no-untyped-call]  # Sanic leaves it unannotated

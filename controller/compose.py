@@ -84,6 +84,11 @@ class Fleet:
         self.ingest.commands["model.distribute"] = self.distributor.on_command  # the name specs/mqtt.md first planned
 
     @property
+    def keys_in_use(self) -> bool:
+        """API keys exist: the proxy wants one on every request (read by the access policy)."""
+        return self.proxy.keys.enabled
+
+    @property
     def store(self) -> Store:
         """The database; opened by start(), before the first request is served."""
         if self._store is None:

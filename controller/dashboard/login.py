@@ -22,8 +22,8 @@ import peewee as pw
 from sanic import Request
 from sanic.response import HTTPResponse
 
+from ollama_fleet.controller.edge.context import settings_of
 from ollama_fleet.controller.db import Base, register_models
-from ollama_fleet.settings import Config
 
 COOKIE = "fleet_session"
 SESSION_TTL = 12 * 3600  # seconds
@@ -119,12 +119,12 @@ def load_sessions() -> list[dict[str, Any]]:
 
 
 def admin_token(request: Request) -> str:
-    cfg: Config = request.app.ctx.fleet.cfg
+    cfg = settings_of(request)
     return cfg.admin_token
 
 
 def role_tokens(request: Request) -> dict[str, str]:
-    cfg: Config = request.app.ctx.fleet.cfg
+    cfg = settings_of(request)
     return {"admin": cfg.admin_token, "viewer": cfg.viewer_token if cfg.admin_token else ""}
 
 
@@ -133,7 +133,7 @@ def session(request: Request) -> Session | None:
     value = request.cookies.get(COOKIE)
     if not value or not admin_token(request) or len(value) > 128 or not value.isascii():
         return None
-    sessions: Sessions = request.app.ctx.sessions
+    sessions: Sessions = request.app.ctx.fleet.sessions  # compose.Fleet: built there, owned there
     return sessions.get(value, role_tokens(request))
 
 

@@ -25,6 +25,7 @@ from sanic import Request
 from sanic.response import HTTPResponse, html, redirect
 
 from ollama_fleet.controller.dashboard import login as auth_web
+from ollama_fleet.controller.edge.context import edge_of, settings_of
 from ollama_fleet.controller.edge.http import bearer, error, error_response
 from ollama_fleet.controller.edge.origin import allowed_host
 from ollama_fleet.controller.edge.peer import client_ip, is_local
@@ -55,12 +56,11 @@ class Denial(NamedTuple):
 
 
 def _cfg(request: Request) -> Config:
-    cfg: Config = request.app.ctx.fleet.cfg
-    return cfg
+    return settings_of(request)
 
 
 def keys_in_use(request: Request) -> bool:
-    return bool(request.app.ctx.fleet.proxy.keys.enabled)
+    return edge_of(request).keys_in_use
 
 
 def _same(given: str, secret: str) -> bool:
@@ -80,16 +80,16 @@ def token_role(request: Request, token: str) -> Role | None:
 
 def throttled(request: Request) -> Denial | None:
     """429 when this client (or, for clients not recently authenticated, everyone) failed too often lately."""
-    wait = request.app.ctx.throttle.retry_after(client_ip(request))
+    wait = edge_of(request).throttle.retry_after(client_ip(request))
     return Denial(429, f"too many failed authentication attempts: retry in {wait} s", wait) if wait else None
 
 
 def failed(request: Request, what: str) -> None:
-    request.app.ctx.throttle.failed(client_ip(request), what)
+    edge_of(request).throttle.failed(client_ip(request), what)
 
 
 def succeeded(request: Request) -> None:
-    request.app.ctx.throttle.succeeded(client_ip(request))
+    edge_of(request).throttle.succeeded(client_ip(request))
 
 
 def is_local_newcomer(request: Request) -> bool:

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 from sanic import Request
 from sanic.response import HTTPResponse, empty
 
+from ollama_fleet.controller.edge.context import settings_of
 from ollama_fleet.controller.edge.http import error_response
 from ollama_fleet.controller.edge.peer import from_trusted_proxy
-from ollama_fleet.settings import Config
 
 CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, User-Agent, Accept, X-Requested-With, X-Stainless-Lang, " \
@@ -96,7 +96,7 @@ def _same_origin(origin: str, host_header: str) -> bool:
 def origin_allowed(request: Request, origin: str) -> bool:
     if _same_origin(origin, request.headers.get("host", "")):
         return True
-    cfg: Config = request.app.ctx.fleet.cfg
+    cfg = settings_of(request)
     pattern = _patterns(cfg.allowed_origins)
     return pattern is not None and pattern.match(origin.strip().rstrip("/").lower()) is not None
 
@@ -109,7 +109,7 @@ async def check(request: Request) -> HTTPResponse | None:
     """Request middleware (first in line)."""
     if request.route is None:  # unrouted (404/405, a timed-out partial request): the error handler answers
         return None
-    cfg: Config = request.app.ctx.fleet.cfg
+    cfg = settings_of(request)
     if is_loopback_bind(cfg.host) and not allowed_host(request.headers.get("host", "")) \
             and not from_trusted_proxy(request):  # a TLS proxy in front forwards the public name
         return _refuse(request, "forbidden: this controller listens on loopback and serves only local host names")

@@ -13,7 +13,7 @@ from typing import Iterable
 
 from sanic import Request
 
-from ollama_fleet.settings import Config
+from ollama_fleet.controller.edge.context import settings_of
 
 FORWARD_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "forwarded", "x-real-ip")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -88,5 +88,4 @@ def is_local(request: Request) -> bool:
 
 
 def _trusted_list(request: Request) -> tuple[str, ...]:
-    cfg: Config = request.app.ctx.fleet.cfg
-    return cfg.trusted_proxies
+    return settings_of(request).trusted_proxies
