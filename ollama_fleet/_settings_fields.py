@@ -90,6 +90,16 @@ class SettingsFields:
     proxy_cooldown: float = 5.0
     # Days of request log kept.
     request_log_retention_days: float = 7.0
+    # Count proxied requests for `GET /metrics` (Prometheus) and the dashboard's per-agent and per-model
+    # figures. Off: the proxy does no metric work; /metrics keeps the fleet gauges.
+    metrics: bool = True
+    # One JSON line per proxied request (the request log's fields) on the `fleet.access` logger.
+    access_log: bool = False
+    # OpenTelemetry traces: the OTLP/HTTP endpoint (e.g. http://127.0.0.1:4318) that receives one trace
+    # per proxied request. Empty: tracing off, at no cost. Needs the `otel` extra.
+    otel_endpoint: str = ""
+    # The `service.name` of the controller's traces.
+    otel_service_name: str = "ollama-fleet"
     # Pull the models of an agent's memory tier (`model_tiers_file`) onto it when it first registers. On
     # by default, as the seed describes: a new 24 GB GPU pulls gpt-oss:20b (~14 GB).
     auto_distribute: bool = True

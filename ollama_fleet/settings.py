@@ -111,6 +111,14 @@ SETTINGS: tuple[Setting, ...] = (
        "before the first byte reaches the client).", C),
     _s("proxy_cooldown", float, 5.0, "Seconds an agent that just failed is tried only as a last resort.", C),
     _s("request_log_retention_days", float, 7.0, "Days of request log kept.", C),
+    # --- controller: observability (docs/metrics.md) ---
+    _s("metrics", bool, True, "Count proxied requests for `GET /metrics` (Prometheus) and the dashboard's "
+       "per-agent and per-model figures. Off: the proxy does no metric work; /metrics keeps the fleet gauges.", C),
+    _s("access_log", bool, False, "One JSON line per proxied request (the request log's fields) on the "
+       "`fleet.access` logger.", C),
+    _s("otel_endpoint", str, "", "OpenTelemetry traces: the OTLP/HTTP endpoint (e.g. http://127.0.0.1:4318) "
+       "that receives one trace per proxied request. Empty: tracing off, at no cost. Needs the `otel` extra.", C),
+    _s("otel_service_name", str, "ollama-fleet", "The `service.name` of the controller's traces.", C),
     # --- controller: model distribution (docs/distribution.md) ---
     _s("auto_distribute", bool, True, "Pull the models of an agent's memory tier (`model_tiers_file`) onto it "
        "when it first registers. On by default, as the seed describes: a new 24 GB GPU pulls gpt-oss:20b (~14 GB).",

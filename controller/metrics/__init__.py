@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics of the proxy and the fleet, and the figures the dashboard shows."""
