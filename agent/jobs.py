@@ -27,7 +27,7 @@ import httpx
 from ollama_fleet.agent import collect
 from ollama_fleet.agent.outbox import Publisher
 from ollama_fleet.agent.progress import human_bytes
-from ollama_fleet.contract.jobs import TERMINAL, JobStatus
+from ollama_fleet.contract.jobs import TERMINAL, JobFigures, JobStatus
 from ollama_fleet.contract.model_names import normalize, valid_model_name
 from ollama_fleet.contract.protocol import JOB_ID_RE, PROTO, PROTO_RANGE
 from ollama_fleet.settings import Config
@@ -59,24 +59,14 @@ class JobError(Exception):
 
 
 @dataclass
-class Job:
+class Job(JobFigures):
     job_id: str
     verb: str
     args: dict[str, Any]
     origin: str
     generated: bool = False
-    status: JobStatus = JobStatus.PENDING
-    seq: int = 0
-    progress: float | None = 0.0
-    completed: int | None = None
-    total: int | None = None
-    speed: float | None = None
-    eta: float | None = None
-    phase: str | None = None
     digest: str | None = None
     layers: dict[str, list[int]] = field(default_factory=dict)  # digest -> [completed, total]
-    error: str | None = None
-    error_code: str | None = None
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Protocol, TypeAlias
 
-from ollama_fleet.contract.jobs import JOB_VERBS, STATUSES, JobStatus
+from ollama_fleet.contract.jobs import JOB_VERBS, STATUSES, JobFigures, JobStatus
 from ollama_fleet.contract.model_names import normalize
 from ollama_fleet.contract.status import AgentStatus
 
@@ -63,7 +63,7 @@ _RUNTIME = {"runtime": True}  # field metadata: kept in memory, not a column of 
 
 
 @dataclass(kw_only=True)
-class JobRec:
+class JobRec(JobFigures):
     task_id: str
     job_id: str
     node_id: str
@@ -71,16 +71,6 @@ class JobRec:
     model: str | None
     args: dict[str, Any]
     origin: str
-    status: JobStatus = JobStatus.PENDING
-    progress: float | None = 0.0
-    completed: int | None = None
-    total: int | None = None
-    speed: float | None = None
-    eta: float | None = None
-    phase: str | None = None
-    error_code: str | None = None
-    error: str | None = None
-    seq: int = 0
     session: str | None = None
     group_id: str | None = None
     queue_if_offline: bool = False

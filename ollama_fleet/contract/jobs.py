@@ -6,6 +6,7 @@ and API accept and filter by them (specs/mqtt.md, "Jobs").
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -30,3 +31,20 @@ STATUSES: tuple[str, ...] = tuple(s.value for s in JobStatus)  # API and query o
 
 # Command verbs that create a job on the agent (the others are fire-and-forget or fleet-level).
 JOB_VERBS: tuple[str, ...] = ("model.pull", "model.delete")
+
+
+@dataclass(kw_only=True)
+class JobFigures:
+    """The figures a job's status document carries (`jobs/<job_id>`, specs/schemas/job-status.json): the
+    agent's job and the controller's record of it both hold them, so both extend this one definition."""
+
+    status: JobStatus = JobStatus.PENDING
+    seq: int = 0  # the document's version: newer replaces older
+    progress: float | None = 0.0  # 0..1
+    completed: int | None = None  # bytes
+    total: int | None = None
+    speed: float | None = None  # bytes/s
+    eta: float | None = None  # seconds
+    phase: str | None = None
+    error: str | None = None
+    error_code: str | None = None
