@@ -26,6 +26,7 @@ from ollama_fleet.controller.edge import origin
 from ollama_fleet.controller.edge import peer
 from ollama_fleet.controller.edge.context import EdgeView
 from ollama_fleet.controller.edge.http import App, sanic_error, unexpected_error
+from ollama_fleet.controller.metrics import fleet as metrics
 from ollama_fleet.controller.proxy import routes as api_proxy
 from ollama_fleet.controller.proxy import unsupported as api_unsupported
 
@@ -84,6 +85,7 @@ def create_app(cfg: Config, companion: CompanionFactory | None = None, name: str
     app.blueprint(api_unsupported.bp)  # /api/blobs only
     app.blueprint(api_models.bp)  # /api/models/..., /api/tasks
     app.blueprint(api_ollama_models.bp)  # Ollama's /api/pull, /api/delete, /api/copy, /api/create, /api/push
+    app.blueprint(metrics.blueprint(fleet.metrics))  # /metrics (Prometheus)
     dashboard.install(app, fleet)  # /dashboard: pages, SSE stream, login
 
     # The only lifecycle hooks: Fleet.start/stop/close hold the order of every part.

@@ -27,7 +27,10 @@ from ollama_fleet.controller.hub import Hub
 from ollama_fleet.controller.jobs.catalogue import Catalogue, CatalogueError, load_catalogue
 from ollama_fleet.controller.jobs.distribution import Distributor
 from ollama_fleet.controller.jobs.ledger import JobLedger
+from ollama_fleet.controller.metrics.fleet import FleetMetrics
+from ollama_fleet.controller.metrics.requests import RequestStats
 from ollama_fleet.controller.proxy.forward import Proxy
+from ollama_fleet.controller.proxy.tracing import build as build_tracer
 from ollama_fleet.controller.registry.ingest import Ingest
 from ollama_fleet.controller.registry.live import Registry
 from ollama_fleet.controller.registry.store import Store, load_registry, prune, transient
@@ -66,9 +69,12 @@ class Fleet:
         self.hub = Hub()
         self.registry = Registry(self.hub, cfg.stale_after, cfg.metrics_sample_interval)
         self.ingest = Ingest(cfg, self.registry)
-        self.proxy = Proxy(cfg, self.registry)
+        self.stats = RequestStats(self._known_model)  # the proxy's request numbers: /metrics, dashboard
+        self.tracer = build_tracer(cfg)  # no-op unless otel_endpoint is set; ConfigError without the extra
+        self.proxy = Proxy(cfg, self.registry, tracer=self.tracer, stats=self.stats)
         self.jobs = JobLedger(cfg, self.registry, self.ingest, self.hub)
         self.distributor = Distributor(cfg, self.registry, self.jobs, self.catalogue, self.tiers)
+        self.metrics = FleetMetrics(self.registry, self.ingest, self.jobs, self.stats)  # GET /metrics
         self.sessions = Sessions()  # dashboard logins
         self.throttle = Throttle()  # failed logins and tokens, per client
         self.broker: TrialBroker | None = None  # the trial broker, when we started one
@@ -82,6 +88,12 @@ class Fleet:
         self.ingest.job_handler = self.jobs.apply
         self.ingest.commands["distribute"] = self.distributor.on_command
         self.ingest.commands["model.distribute"] = self.distributor.on_command  # the name specs/mqtt.md first planned
+
+    def _known_model(self, name: str) -> bool:
+        """A model worth its own metric label: in the catalogue or installed on some agent (RequestStats
+        caches the answer; anything else is one `other` label, so clients cannot grow the label set)."""
+        has = self.proxy.router.has_model
+        return self.catalogue.get(name) is not None or any(has(a, name) for a in self.registry.agents.values())
 
     @property
     def keys_in_use(self) -> bool:
@@ -144,6 +156,7 @@ class Fleet:
         """After open connections drained: requests that finished during the drain are logged too."""
         await _steps([
             ("proxy", self.proxy.stop),  # flushes the request log before the store closes
+            ("tracing", self.tracer.shutdown),  # the last spans, exported
             ("final flush", self.flush_registry),
         ])
         if self._store is not None:

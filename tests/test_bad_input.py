@@ -35,7 +35,8 @@ GET_ROUTES: dict[str, list[str]] = {
     "/dashboard/agents.csv": ["status", "q", "sort", "dir"], "/dashboard/agents.json": ["status", "q", "sort"],
     f"/dashboard/agents/{NODE}": [], "/dashboard/models": [], "/dashboard/requests": REQUEST_FILTERS,
     "/dashboard/requests/nope": [], "/dashboard/events": ["agent", "kind"], "/dashboard/data/status.json": [],
-    "/dashboard/data/series.json": [], "/dashboard/login": ["next"], "/docs/openapi.json": [],
+    "/dashboard/data/series.json": [], "/dashboard/data/traffic.json": [], "/dashboard/login": ["next"],
+    "/docs/openapi.json": [],
 }
 # Every route that takes a JSON body.
 BODY_ROUTES = [("PUT", f"/api/agents/{NODE}/settings"), ("POST", f"/api/agents/{NODE}/disconnect"),

@@ -17,7 +17,7 @@ from ollama_fleet.contract.model_names import normalize, valid_model_name
 from ollama_fleet.controller import readmodel
 from ollama_fleet.controller.compose import fleet_of
 from ollama_fleet.controller.edge.access import require_admin
-from ollama_fleet.controller.jobs.distribution import DistributionError, Distributor, has_model
+from ollama_fleet.controller.jobs.distribution import DistributionError, Distributor, Plan, has_model
 from ollama_fleet.controller.edge.http import error, json_body
 from ollama_fleet.contract.jobs import STATUSES
 from ollama_fleet.controller.jobs.ledger import JobLedger
@@ -83,6 +83,19 @@ def _pull_args(body: dict[str, Any]) -> tuple[str, bool, bool] | HTTPResponse:
     return str(model), bool(force), bool(queue)
 
 
+async def _plan(request: Request, body: dict[str, Any], target: Any, agent_ids: Any) -> Plan | HTTPResponse:
+    """A distribution from a checked pull body; its problems answered in the API's shape."""
+    args = _pull_args(body)
+    if isinstance(args, HTTPResponse):
+        return args
+    model, force, queue = args
+    try:
+        return await _dist(request).distribute(model, target, agent_ids, force=force, queue_if_offline=queue,
+                                               origin="api")
+    except DistributionError as e:
+        return error(e.status, e.message)
+
+
 @bp.post("/api/models/distribute")
 @openapi.summary("Pull a model to all online agents, to chosen ones, or to those whose memory fits it")
 @openapi.description("Body: `{model_name, target: all|specific|auto, agent_ids?, force?, queue_if_offline?}` -> "
@@ -95,16 +108,8 @@ async def distribute(request: Request) -> HTTPResponse:
     body = json_body(request)
     if isinstance(body, HTTPResponse):
         return body
-    args = _pull_args(body)
-    if isinstance(args, HTTPResponse):
-        return args
-    model, force, queue = args
-    try:
-        plan = await _dist(request).distribute(model, body.get("target", "all"), body.get("agent_ids"),
-                                               force=force, queue_if_offline=queue, origin="api")
-    except DistributionError as e:
-        return error(e.status, e.message)
-    return json(plan.to_json(), status=202)
+    plan = await _plan(request, body, body.get("target", "all"), body.get("agent_ids"))
+    return plan if isinstance(plan, HTTPResponse) else json(plan.to_json(), status=202)
 
 
 @bp.post("/api/agents/<agent_id:str>/models/pull")
@@ -114,15 +119,9 @@ async def pull_one(request: Request, agent_id: str) -> HTTPResponse:
     body = json_body(request)
     if isinstance(body, HTTPResponse):
         return body
-    args = _pull_args(body)
-    if isinstance(args, HTTPResponse):
-        return args
-    model, force, queue = args
-    try:
-        plan = await _dist(request).distribute(model, "specific", [agent_id], force=force,
-                                               queue_if_offline=queue, origin="api")
-    except DistributionError as e:
-        return error(e.status, e.message)
+    plan = await _plan(request, body, "specific", [agent_id])
+    if isinstance(plan, HTTPResponse):
+        return plan
     rec = plan.recs[0]
     return json({"task_id": rec.task_id, "task": rec.to_json(), "reused": rec in plan.reused}, status=202)
 

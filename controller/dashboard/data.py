@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlencode
 
 import peewee as pw
 from sanic.request.parameters import RequestParameters
 
+from ollama_fleet.contract.model_names import normalize
 from ollama_fleet.contract.status import ALL, AgentStatus
 
 from ollama_fleet.controller import readmodel
@@ -23,6 +25,8 @@ from ollama_fleet.controller.db import MetricSample, db
 from ollama_fleet.controller.exports import to_csv
 from ollama_fleet.controller.jobs.catalogue import Catalogue
 from ollama_fleet.controller.jobs.ledger import JobLedger
+from ollama_fleet.controller.metrics import names
+from ollama_fleet.controller.metrics.requests import Recent, RequestStats
 from ollama_fleet.controller.proxy.requestlog import RequestRecord
 from ollama_fleet.controller.readmodel import AgentFilter, AgentSummary, ModelMatrix
 from ollama_fleet.controller.registry.live import AgentRecord, Registry
@@ -36,6 +40,7 @@ CSV_COLUMNS = ("id", "name", "hostname", "ips", "status", "ollama_version", "upt
                "tags", "last_seen")
 JOBS_SHOWN = 25
 SERIES_WINDOW = 3600.0
+TRAFFIC_WINDOW = 60.0  # seconds: the per-agent and per-model figures are the last minute's
 T = TypeVar("T")
 
 
@@ -143,6 +148,42 @@ class Cached(Generic[T]):
             self.value = value = await compute()
             return value
         return self.value
+
+    def get_now(self, compute: Callable[[], T]) -> T:
+        """The same, for a value computed without waiting (the live figures of a table row's signature)."""
+        now = time.monotonic()
+        if self.value is None or now - self.at >= self.ttl:
+            self.at, self.value = now, compute()
+        return self.value
+
+
+# ---- traffic: requests/s, TTFT and tokens/s per agent and per model ------------------------------
+@dataclass(frozen=True)
+class Traffic:
+    """The last window's figures by agent id and by model label, read from the proxy's RequestStats: the
+    accumulators GET /metrics exports, so the dashboard and a Prometheus query agree."""
+
+    agents: dict[str, Recent]
+    models: dict[str, Recent]
+    window_s: float
+
+
+def traffic(stats: RequestStats, window_s: float = TRAFFIC_WINDOW) -> Traffic:
+    return Traffic(stats.recent("agent", window_s), stats.recent("model", window_s), window_s)
+
+
+def traffic_json(t: Traffic) -> dict[str, Any]:
+    """GET /dashboard/data/traffic.json: the figures the pages show, unformatted."""
+    return {"window_s": t.window_s, "agents": {k: asdict(r) for k, r in t.agents.items()},
+            "models": {k: asdict(r) for k, r in t.models.items()}}
+
+
+def model_traffic(registry: Registry, t: Traffic) -> list[tuple[str, Recent | None]]:
+    """One row per model installed on some agent or with requests in the window, by the label /metrics
+    gives it (the normalized name; unknown models together as `other`, last); None: no requests."""
+    keys = {normalize(m["name"]) for a in registry.agents.values() for m in a.models} | t.models.keys()
+    ordered = sorted(keys, key=lambda k: (k == names.OTHER_MODEL, k))
+    return [(k, t.models.get(k)) for k in ordered]
 
 
 # ---- jobs and models -----------------------------------------------------------------------------

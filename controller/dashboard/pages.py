@@ -108,7 +108,8 @@ async def agent_detail(request: Request, node: str) -> HTTPResponse:
     events = await ui.recent_events(node)
     models = ui.catalogue_models()
     return await page(request, "agent.html", "agents", _stream_url("agent", id=node), node=node, agent=a,
-                      live=await ui.agent_live(node), models_block=await ui.agent_models(node),
+                      live=await ui.agent_live(node), traffic=await ui.agent_traffic(node),
+                      models_block=await ui.agent_models(node),
                       jobs=await ui.jobs("agent-jobs", node),
                       events=await ui.event_rows(events, "agent-events", show_agent=False),
                       model_names=[m["name"] for m in models])
@@ -121,6 +122,7 @@ async def models(request: Request) -> HTTPResponse:
     agents_ = sorted(ui.agents.values(), key=lambda a: a.name.lower())
     return await page(request, "models.html", "models", _stream_url("models"), agents=agents_,
                       jobs=await ui.jobs("model-jobs"), matrix=await ui.matrix(), catalogue=await ui.catalogue(),
+                      traffic=await ui.model_traffic(),
                       model_names=[m["name"] for m in ui.catalogue_models()])
 
 
@@ -221,6 +223,14 @@ async def status(request: Request) -> HTTPResponse:
 @access.login_required
 async def series(request: Request) -> HTTPResponse:
     return json(await _ui(request).series_json())
+
+
+@bp.get("/dashboard/data/traffic.json")
+@access.login_required
+async def traffic(request: Request) -> HTTPResponse:
+    """Requests/s, TTFT p50/p95 and tokens/s per agent and per model over the last minute, unformatted:
+    the numbers the pages show (same computation, same tick)."""
+    return json(data.traffic_json(_ui(request).traffic()))
 
 
 # ---- login ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, ClassVar
 
 from sanic import Request
@@ -106,14 +106,21 @@ class Block(Section):
 
 class Keyed(Section):
     """A list of rows (agents table, model matrix): rows are updated one by one while the list keeps
-    its shape (same keys, same order, same columns); any change of shape re-renders the list whole."""
+    its shape (same keys, same order, same columns); any change of shape re-renders the list whole.
+
+    `tick`, every `poll` seconds, names rows whose figures changed without a hub event (request rates).
+    """
 
     def __init__(self, shape: Callable[[], Any], keys_of: Callable[[str, dict[str, Any]], list[str]],
                  row: Callable[[str], Awaitable[str]], whole: Render, every: float = 0.25,
-                 every_whole: float = 1.0, sig: Callable[[str], Any] | None = None) -> None:
+                 every_whole: float = 1.0, sig: Callable[[str], Any] | None = None,
+                 poll: float | None = None, tick: Callable[[], Iterable[str]] | None = None) -> None:
         self.shape, self.keys_of, self.row, self.whole = shape, keys_of, row, whole
         self.every, self.every_whole = every, every_whole
         self.sig = sig  # what a row shows, cheaper than rendering it: unchanged rows are not rendered
+        self.poll: float | None = poll if tick is not None else None
+        self.tick: Callable[[], Iterable[str]] | None = tick if poll else None
+        self.last_tick = time.monotonic()
         self.last_sig: dict[str, Any] = {}
         self.sent_shape: Any = None
         self.last_whole = float("-inf")
@@ -149,11 +156,15 @@ class Keyed(Section):
             return 0.0
         if self.reshape_at is not None:
             return self.reshape_at
-        if not self.dirty:
-            return None
-        return min(self.last_sent.get(k, float("-inf")) + self.every for k in self.dirty)
+        due = min((self.last_sent.get(k, float("-inf")) + self.every for k in self.dirty), default=None)
+        if self.poll is not None:
+            due = min(self.last_tick + self.poll, due if due is not None else float("inf"))
+        return due
 
     async def flush(self, now: float) -> str:
+        if self.tick is not None and self.poll is not None and now >= self.last_tick + self.poll:
+            self.last_tick = now
+            self.dirty.update(self.tick())
         shape = self.shape()
         if shape != self.sent_shape:
             if not self.urgent_keys and now - self.last_whole < self.every_whole:

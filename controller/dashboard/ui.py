@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from ollama_fleet.contract.status import AgentStatus
 from ollama_fleet.controller import readmodel
 from ollama_fleet.controller.dashboard import data
 from ollama_fleet.controller.compose import Fleet
+from ollama_fleet.controller.metrics import names
+from ollama_fleet.controller.metrics.requests import Recent
 from ollama_fleet.controller.registry import store
 from ollama_fleet.controller.registry.live import AgentRecord, Registry
 from ollama_fleet.controller.dashboard.sse import Block, Keyed, Prepend, Section
@@ -27,6 +30,8 @@ WEB = Path(str(files("ollama_fleet.web")))
 TEMPLATES = WEB / "templates"
 EVENTS_SHOWN = 12  # on the overview
 EVENTS_PAGE = 50
+TRAFFIC_TICK = 1.0  # seconds: traffic figures are recomputed (once for every open page) and re-sent at most this often
+NONE = "—"  # a traffic figure without requests in the window
 
 
 # ---- filters -------------------------------------------------------------------------------------
@@ -76,6 +81,27 @@ def fmt_num(v: Any) -> str:
     return "–" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:,.1f}"
 
 
+def fmt_rate(v: float | None) -> str:
+    """Requests or tokens per second: two decimals below 1 (a request every few seconds still shows)."""
+    if v is None:
+        return NONE
+    return f"{v:.2f}" if v < 0.995 else f"{v:,.1f}" if v < 99.95 else f"{v:,.0f}"
+
+
+def fmt_secs(v: float | None) -> str:
+    """A latency: milliseconds below a second."""
+    if v is None:
+        return NONE
+    return f"{v * 1000:.0f} ms" if v < 0.9995 else f"{v:.2f} s"
+
+
+def traffic_shown(t: Recent | None) -> tuple[str, str, str, str]:
+    """What a page shows of one agent's or model's traffic: req/s, TTFT p50, TTFT p95, tokens/s."""
+    if t is None or not t.requests:
+        return NONE, NONE, NONE, NONE
+    return fmt_rate(t.rps), fmt_secs(t.ttft_p50), fmt_secs(t.ttft_p95), fmt_rate(t.tokens_per_s)
+
+
 def iso(ts: Any) -> str:
     if not isinstance(ts, (int, float)):
         return ""
@@ -97,8 +123,9 @@ def setup(env: Environment) -> None:
     env.loader = FileSystemLoader(str(TEMPLATES))
     env.trim_blocks = env.lstrip_blocks = True
     env.filters.update(bytes=fmt_bytes, duration=fmt_duration, uptime=fmt_uptime, pct=fmt_pct, num=fmt_num, iso=iso,
-                       utc=utc_text, clamp=clamp_pct)
-    env.globals.update(status_labels=data.STATUS_LABELS, states=[s.value for s in AgentStatus])
+                       utc=utc_text, clamp=clamp_pct, traffic=traffic_shown)
+    env.globals.update(status_labels=data.STATUS_LABELS, states=[s.value for s in AgentStatus],
+                       traffic_window=data.TRAFFIC_WINDOW)
 
 
 # ---- regions -------------------------------------------------------------------------------------
@@ -109,6 +136,7 @@ class UI:
         self.env, self.fleet = env, fleet
         self.stats: data.Cached[dict[str, Any]] = data.Cached(1.0)
         self.series: data.Cached[dict[str, Any]] = data.Cached(10.0)
+        self.recent: data.Cached[data.Traffic] = data.Cached(TRAFFIC_TICK)
 
     async def render(self, name: str, **ctx: Any) -> str:
         return await self.env.get_template(name).render_async(**ctx)
@@ -131,6 +159,10 @@ class UI:
             return await self.fleet.store.read(data.series, time.time())
         return await self.series.get(compute)
 
+    def traffic(self) -> data.Traffic:
+        """The last minute's figures, computed at most once a tick however many pages are open."""
+        return self.recent.get_now(lambda: data.traffic(self.fleet.stats))
+
     async def pulse(self, oob: bool = False) -> str:
         return await self.render("_pulse.html", c=data.fleet_counts(self.agents.values()), oob=oob)
 
@@ -142,13 +174,15 @@ class UI:
         return await self.render("_agent_counts.html", c=data.fleet_counts(self.agents.values()), query=q, oob=oob)
 
     async def agent_rows(self, q: data.AgentQuery, oob: bool = False) -> str:
-        return await self.render("_agent_rows.html", rows=q.rows(self.registry), query=q, oob=oob)
+        return await self.render("_agent_rows.html", rows=q.rows(self.registry), query=q,
+                                 traffic=self.traffic().agents, oob=oob)
 
     async def agent_row(self, q: data.AgentQuery, node: str) -> str:
         a = self.agents.get(node)
         if a is None or not q.matches(a):
             return ""
-        return await self.render("_agent_row.html", r=readmodel.agent_summary(a, time.time()), oob=True)
+        return await self.render("_agent_row.html", r=readmodel.agent_summary(a, time.time()),
+                                 t=self.traffic().agents.get(node), oob=True)
 
     def agent_sig(self, q: data.AgentQuery, node: str) -> str | None:
         """What the agent's table row shows (uptime as shown, not to the second)."""
@@ -158,12 +192,30 @@ class UI:
         r = readmodel.agent_summary(a, time.time())
         shown = {k: v for k, v in r.items() if k not in ("cpu", "mem", "last_seen")}
         shown["uptime"] = fmt_uptime(r["uptime"]) if r["uptime"] is not None else None
+        shown["traffic"] = traffic_shown(self.traffic().agents.get(node))
         return repr(shown)
+
+    def traffic_changes(self) -> Callable[[], set[str]]:
+        """For one agents table: the agents whose traffic figures, as shown, changed since the last call
+        (requests bring no hub event: the stream asks on its tick)."""
+        last = {k: traffic_shown(t) for k, t in self.traffic().agents.items()}
+
+        def changed() -> set[str]:
+            now = {k: traffic_shown(t) for k, t in self.traffic().agents.items()}
+            out = {k for k in now.keys() | last.keys() if now.get(k) != last.get(k)}
+            last.clear()
+            last.update(now)
+            return out
+        return changed
 
     async def agent_live(self, node: str, oob: bool = False) -> str:
         a = self.agents.get(node)
         return await self.render("_agent_live.html", node=node, a=a.to_json() if a else None,
                                  gpus=a.gpu_view() if a else [], oob=oob)
+
+    async def agent_traffic(self, node: str, oob: bool = False) -> str:
+        t = self.traffic()
+        return await self.render("_agent_traffic.html", t=t.agents.get(node), oob=oob)
 
     async def agent_models(self, node: str, oob: bool = False) -> str:
         a = self.agents.get(node)
@@ -194,6 +246,11 @@ class UI:
         return await self.render("_matrix_row.html", a=a, cells=data.matrix_row(m, a, m.keys),
                                  columns=m.columns, oob=True)
 
+    async def model_traffic(self, oob: bool = False) -> str:
+        t = self.traffic()
+        return await self.render("_model_traffic.html", rows=data.model_traffic(self.registry, t),
+                                 other=names.OTHER_MODEL, oob=oob)
+
     def catalogue_models(self) -> list[dict[str, Any]]:
         return data.catalogue(self.registry, self.fleet.catalogue)
 
@@ -216,6 +273,11 @@ class UI:
 # ---- live sections per page ----------------------------------------------------------------------
 def _agent_topic(node: str | None = None) -> Any:
     return lambda t, d: t == "agent" and (node is None or d.get("id") == node)
+
+
+def _no_event(topic: str, data: dict[str, Any]) -> bool:
+    """Traffic figures: no hub event carries them; they follow the stream's tick."""
+    return False
 
 
 def _events(ui: UI, dom_id: str, node: str | None = None, kind: str | None = None,
@@ -247,10 +309,11 @@ def sections(ui: UI, view: str, args: Any) -> list[Section]:
                 Keyed(shape=lambda: tuple(r["id"] for r in q.rows(ui.registry)),
                       keys_of=lambda t, d: [d["id"]] if t == "agent" else [],
                       row=lambda k: ui.agent_row(q, k), whole=lambda: ui.agent_rows(q, True),
-                      sig=lambda k: ui.agent_sig(q, k))]
+                      sig=lambda k: ui.agent_sig(q, k), poll=TRAFFIC_TICK, tick=ui.traffic_changes())]
     elif view == "agent":
         node = str(args.get("id") or "")
         out += [Block(lambda: ui.agent_live(node, True), _agent_topic(node), every=0.25),
+                Block(lambda: ui.agent_traffic(node, True), _no_event, every=TRAFFIC_TICK, poll=TRAFFIC_TICK),
                 Block(lambda: ui.agent_models(node, True), _agent_topic(node), every=0.5),
                 Block(lambda: ui.jobs("agent-jobs", node, True),
                       lambda t, d: t == "job" and d.get("agent_id") == node, every=0.25),
@@ -260,6 +323,7 @@ def sections(ui: UI, view: str, args: Any) -> list[Section]:
                 Keyed(shape=ui.matrix_shape,
                       keys_of=lambda t, d: [d["id"]] if t == "agent" else [d["agent_id"]] if t == "job" else [],
                       row=ui.matrix_row, whole=lambda: ui.matrix(True)),
+                Block(lambda: ui.model_traffic(True), _no_event, every=TRAFFIC_TICK, poll=TRAFFIC_TICK),
                 Block(lambda: ui.catalogue(True), lambda t, d: t == "agent", every=2.0)]
     elif view == "events":
         out.append(_events(ui, "event-rows", node=args.get("agent") or None, kind=args.get("kind") or None,

@@ -6,6 +6,7 @@
 | unset       | no              | direct loopback clients only      | direct loopback clients only |
 | unset       | yes             | refused: set admin_token          | refused: set admin_token     |
 
+Reads include `GET /metrics` (Prometheus sends the token with its `authorization` scrape option).
 Always open: `/healthz`, `/api/version`, `/`, the API docs, the login page and static assets. The proxy
 surface (Ollama and OpenAI inference, `/api/tags`, `/api/ps`, `/v1/models`) follows the API keys instead
 (controller/proxy/forward.py). Wrong credentials are throttled (controller/edge/throttle.py).

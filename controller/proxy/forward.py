@@ -33,10 +33,12 @@ from ollama_fleet.controller.edge.body import Payload, TooLarge, read_body
 from ollama_fleet.controller.edge.http import bearer, error_response, parse_json
 from ollama_fleet.controller.edge.peer import client_ip
 from ollama_fleet.controller.edge.timeouts import body_timed_out
+from ollama_fleet.controller.metrics.requests import Observation, RequestStats
 from ollama_fleet.controller.proxy.keys import KeyRing
 from ollama_fleet.controller.proxy.keys import state as key_state
 from ollama_fleet.controller.proxy.requestlog import RequestLog, prune_rows, replay_journal, write_rows
 from ollama_fleet.controller.proxy.router import Decision, NoRoute, Router
+from ollama_fleet.controller.proxy.tracing import NO_TRACE, RequestTrace, Tracer
 from ollama_fleet.controller.proxy.upstream import BodySource, UpstreamError, UpstreamPool, UpstreamResponse
 from ollama_fleet.controller.registry.live import AgentRecord, Registry
 from ollama_fleet.controller.registry.store import Store
@@ -67,6 +69,10 @@ SPOOL_DIR = "spool"  # under data_dir: large request bodies on their way upstrea
 _PROMPT_RE = re.compile(rb'"(?:prompt_eval_count|prompt_tokens|input_tokens)"\s*:\s*(\d{1,18})')
 _COMPLETION_RE = re.compile(rb'"(?:eval_count|completion_tokens|output_tokens)"\s*:\s*(\d{1,18})')
 _ERROR_MSG_RE = re.compile(rb'"(?:message|error)"\s*:\s*"((?:[^"\\]|\\.)*)"')
+# Ollama's final stats (nanoseconds), last in its final chunk: found with rfind in the answer's last
+# STATS_BYTES (a regex scan there costs ~10 us a request, rfind well under 1)
+_NUMBER_RE = re.compile(rb'\s*:\s*(\d{1,18})')
+STATS_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,16 @@ class Tap:
         tail = data[-TAIL_BYTES:]
         return _last_int(_PROMPT_RE, tail), _last_int(_COMPLETION_RE, tail)
 
+    @staticmethod
+    def durations(data: bytes | bytearray) -> tuple[int | None, int | None]:
+        """(eval_duration, load_duration + prompt_eval_duration) in ns from Ollama's final stats; None
+        where absent (OpenAI-style answers carry none)."""
+        start = max(0, len(data) - STATS_BYTES)
+        prompt = _stat(data, b'"prompt_eval_duration"', start)
+        if prompt is not None:
+            prompt += _stat(data, b'"load_duration"', start) or 0
+        return _stat(data, b'"eval_duration"', start), prompt
+
     def error(self) -> str | None:
         """The message of a final in-band error line (`{"error": ...}`, `data: {"error"...}`, `event: error`)."""
         lines = bytes(self.tail).rstrip().rsplit(b"\n", 2)[-2:]
@@ -128,6 +144,13 @@ class Tap:
                 m = _ERROR_MSG_RE.search(lines[-1])
                 return (m.group(1).decode(errors="replace") if m else "error")[:ERROR_TEXT_MAX]
         return None
+
+
+def _stat(data: bytes | bytearray, key: bytes, start: int) -> int | None:
+    """The number after the last `key` (a quoted JSON name) in data[start:]."""
+    i = data.rfind(key, start)
+    m = _NUMBER_RE.match(data, i + len(key)) if i >= 0 else None
+    return int(m.group(1)) if m else None
 
 
 def _last_int(regex: re.Pattern[bytes], data: bytes | bytearray) -> int | None:
@@ -163,11 +186,34 @@ class Exchange:
     body: bytes | BodySource = b""  # what goes upstream (the payload's bytes, or the payload itself)
     headers: Sequence[tuple[str, str]] = ()  # the request headers that go upstream
     decision: Decision | None = None
+    trace: RequestTrace = NO_TRACE  # spans, when tracing is on (controller/proxy/tracing.py)
     failures: list[str] = field(default_factory=list)  # "<node>: <why>" per attempt that failed over
+    # metrics (only when the setting `metrics` is on): seconds spent awaiting the agent (and the client's
+    # body), the failure's reason word (names.REQUEST_ERRORS), Ollama's final stats
+    waited: float = 0.0
+    reason: str | None = None
+    eval_ns: int | None = None
+    first_token_ns: int | None = None
     logged: bool = False
 
     def since_ms(self) -> float:
         return round((time.perf_counter() - self.t0) * 1000, 3)
+
+    def observation(self, duration_s: float) -> Observation:
+        """The request's numbers for RequestStats: overhead is what remains of the total once the time
+        awaiting others is taken out; TTFT (of a success) is the first chunk's time for a stream, Ollama's
+        own figure (load + prompt evaluation) for a whole answer when it gave one (set only then)."""
+        status, reason = self.status, self.reason
+        if not status:  # an exception escaped the proxy: Sanic answers 500
+            status, reason = 500, "internal"
+        ttft = None
+        if reason is None and self.ttfb_ms is not None:  # a success's
+            ttft = self.first_token_ns / 1e9 if self.first_token_ns else self.ttfb_ms / 1000
+        tpot = self.eval_ns / self.completion_tokens / 1e9 if self.eval_ns and self.completion_tokens else None
+        return Observation(
+            self.ep.path, self.model or "", self.agent or "", status, reason, duration_s, ttft, tpot,
+            max(0.0, duration_s - self.waited), self.prompt_tokens, self.completion_tokens,
+            max(0, self.attempts - 1), time.monotonic())
 
     def row(self) -> dict[str, Any]:
         """The request log's row (requestlog.COLUMNS)."""
@@ -201,13 +247,15 @@ class _Failed(Exception):
 
 
 class Proxy:
-    def __init__(self, cfg: Config, registry: Registry) -> None:
+    def __init__(self, cfg: Config, registry: Registry, *, tracer: Tracer | None = None,
+                 stats: RequestStats | None = None) -> None:
         self.cfg = cfg
         self.registry = registry
+        self.stats = stats if cfg.metrics else None  # None: no metric work on the request path
         self.router = Router(cfg.routing_strategy, cfg.proxy_cooldown)
         self.max_attempts = max(1, cfg.proxy_max_attempts)
         self.debug = cfg.log_level == "DEBUG"
-        self.requests = RequestLog()
+        self.requests = RequestLog(access_log=cfg.access_log)
         self.keys = KeyRing()
         self.upstream = UpstreamPool(cfg.proxy_connect_timeout, cfg.proxy_read_timeout)
         self.store: Store | None = None
@@ -215,6 +263,7 @@ class Proxy:
         self._flush_lock = asyncio.Lock()
         self.max_body = cfg.max_body_bytes
         self.spool_dir: Path | None = None  # large bodies; the system's temp dir may be RAM (tmpfs)
+        self.tracer = tracer or Tracer()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self, store: Store) -> None:
@@ -236,7 +285,7 @@ class Proxy:
     async def _open_journal(self, store: Store) -> None:
         """The request log's journal in data_dir; segments a crash left behind are written first."""
         try:
-            self.requests = RequestLog(self.cfg.data_path / JOURNAL_DIR)
+            self.requests = RequestLog(self.cfg.data_path / JOURNAL_DIR, self.cfg.access_log)
         except OSError as e:
             log.error("request log journal unavailable (%s): rows reach the database only when flushed", e)
             return
@@ -322,15 +371,16 @@ class Proxy:
     # ---- the routed request ------------------------------------------------------------------
     async def forward(self, request: Request, ep: Endpoint) -> HTTPResponse | None:
         x = Exchange(request, ep, time.perf_counter(), os.urandom(8).hex(), time.time(), client_ip(request))
+        x.trace = self.tracer.request(ep.path, request.headers)
         resp: HTTPResponse | None = None
         try:
             resp = await self._forward(x)
             return resp
         except asyncio.CancelledError:
             if body_timed_out(request):  # the body deadline (controller/edge/timeouts.py) answered 408
-                x.status, x.error = 408, "request body not received within body_timeout"
+                x.status, x.error, x.reason = 408, "request body not received within body_timeout", "timeout"
             else:
-                x.status, x.error = 499, x.error or "client disconnected"
+                x.status, x.error, x.reason = 499, x.error or "client disconnected", "client_gone"
             raise
         finally:
             if resp is not None and not x.status:
@@ -346,16 +396,25 @@ class Proxy:
         if x.logged:
             return
         x.logged = True
-        self.requests.add(x.row())
+        x.trace.finish(x)
+        row = x.row()
+        self.requests.add(row)
+        if self.stats is not None:
+            self.stats.observe(x.observation(row["duration_ms"] / 1000))
 
     async def _forward(self, x: Exchange) -> HTTPResponse | None:
         request, ep = x.request, x.ep
         x.key, denied = self.authorize(request, ep.openai)
         if denied is not None:
-            x.error = "unauthorized"
+            x.error, x.reason = "unauthorized", "rejected"
             return denied
         try:
-            payload = x.payload = await read_body(request, self.max_body, self.spool_dir)
+            if self.stats is not None:  # the client's upload is not time the controller adds
+                t = time.perf_counter()
+                payload = x.payload = await read_body(request, self.max_body, self.spool_dir)
+                x.waited += time.perf_counter() - t
+            else:
+                payload = x.payload = await read_body(request, self.max_body, self.spool_dir)
         except TooLarge as e:
             if not e.drained:  # the rest of the body is still coming: answer, then close
                 request.stream.keep_alive = False  # type: ignore[union-attr]
@@ -382,8 +441,9 @@ class Proxy:
 
         decision = self.router.choose(self.registry.agents.values(), model, request.headers.get("x-fleet-agent"))
         if isinstance(decision, NoRoute):
-            return self._reject(x, 404 if decision.kind == "not_found" else 503, decision.message)
+            return self._reject(x, 404 if decision.kind == "not_found" else 503, decision.message, "no_route")
         x.decision = decision
+        x.trace.routed(x.model, decision)
         x.body = payload.upload()
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_DROP]
         headers.append(("accept-encoding", "identity"))  # keep bytes readable for the token tap
@@ -393,9 +453,11 @@ class Proxy:
         for i, agent in enumerate(order):
             x.attempts = i + 1
             x.agent = agent.node_id
+            x.trace.attempt(agent)
             try:
                 return await self._attempt(x, agent, last=i == len(order) - 1)
             except _Failed as f:
+                x.trace.failover(f.why, f.answer.status if f.answer is not None else None)
                 x.failures.append(f"{agent.node_id}: {f.why}")
                 x.failover = "; ".join(x.failures)[:ERROR_TEXT_MAX]
                 if f.cool:
@@ -405,6 +467,7 @@ class Proxy:
                 log.info("request %s: %s failed before the first byte (%s)%s", x.rid, agent.node_id, f.why,
                          "; trying the next agent" if i + 1 < len(order) else "")
         x.error = x.failover
+        x.reason = "upstream_status" if last_error is not None else "upstream"
         if last_error is not None:  # the upstream's own answer, as is
             agent, answer = last_error
             x.agent = agent.node_id
@@ -418,8 +481,8 @@ class Proxy:
         x.ttfb_ms = x.since_ms()
         return out
 
-    def _reject(self, x: Exchange, status: int, message: str) -> HTTPResponse:
-        x.error = message[:ERROR_TEXT_MAX]
+    def _reject(self, x: Exchange, status: int, message: str, reason: str = "rejected") -> HTTPResponse:
+        x.error, x.reason = message[:ERROR_TEXT_MAX], reason
         resp = x.ep.error(status, message)
         resp.headers["x-fleet-request-id"] = x.rid  # refused requests are logged too: let clients find them
         return resp
@@ -454,6 +517,9 @@ class Proxy:
                     data = await upstream.read()
             except UpstreamError as e:
                 raise _Failed(f"{type(e).__name__}: {e}"[:200]) from None
+            finally:
+                if self.stats is not None:  # connect, send, headers and the first chunk (or all) of the answer
+                    x.waited += time.perf_counter() - started
             answer = Answer(status, ctype, {k: v for k, v in upstream.headers if k not in RESPONSE_DROP}, data,
                             streamed)
             if status >= 500 or (status == 404 and not last and b"not found" in data):
@@ -470,8 +536,10 @@ class Proxy:
             x.ttfb_ms = x.since_ms()
             if status < 400:
                 x.prompt_tokens, x.completion_tokens = Tap.tokens_of(data)
+                if self.stats is not None:
+                    x.eval_ns, x.first_token_ns = Tap.durations(data)
             else:
-                x.error = data[:ERROR_TEXT_MAX].decode(errors="replace")
+                x.error, x.reason = data[:ERROR_TEXT_MAX].decode(errors="replace"), "upstream_status"
             return out
         finally:
             agent.in_flight -= 1
@@ -491,6 +559,7 @@ class Proxy:
         self._decorate(response.headers, x)
         tap = Tap()
         sse = ctype.startswith("text/event-stream")
+        timed = self.stats is not None
         chunk: bytes | None = answer.data
         try:
             while chunk is not None:
@@ -505,13 +574,19 @@ class Proxy:
                 await response.send(chunk, end_stream=last)
                 if last:
                     break
-                chunk = await anext(chunks, None)
+                if timed:
+                    t = time.perf_counter()
+                    chunk = await anext(chunks, None)
+                    x.waited += time.perf_counter() - t
+                else:
+                    chunk = await anext(chunks, None)
             else:
                 self._stream_done(x, tap, answer.status, tap.error())
                 await response.eof()
         except UpstreamError as e:
             message = f"agent {agent.node_id} failed mid-stream: {type(e).__name__}: {e}"[:ERROR_TEXT_MAX]
             sep = b"" if tap.tail.endswith(b"\n") else (b"\n\n" if sse else b"\n")
+            x.reason = "upstream"
             self._stream_done(x, tap, answer.status, message)
             await response.send(sep + inband_error(ctype, x.ep.path, message, tap.events), end_stream=True)
             log.warning("request %s: %s", x.rid, message)
@@ -519,6 +594,10 @@ class Proxy:
 
     def _stream_done(self, x: Exchange, tap: Tap, status: int, error: str | None) -> None:
         x.error = error
+        if error is not None and x.reason is None:
+            x.reason = "in_band"
         x.prompt_tokens, x.completion_tokens = tap.tokens()
+        if self.stats is not None:
+            x.eval_ns = Tap.durations(tap.tail)[0]
         x.status = status
         self._finish(x)

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,9 @@ import peewee as pw
 
 from ollama_fleet.contract.model_names import normalize as normalize_model
 from ollama_fleet.contract.sanitize import clean_text
-
 from ollama_fleet.controller.db import Base, db, register_models
 from ollama_fleet.controller.exports import to_csv as safe_csv
+from ollama_fleet.controller.proxy.access_log import open_access_log
 
 log = logging.getLogger("fleet.requestlog")
 
@@ -166,8 +166,11 @@ class Journal:
 class RequestLog:
     """Finished requests: journalled, buffered; `drain()` hands them to the flusher."""
 
-    def __init__(self, journal_dir: Path | None = None) -> None:
+    def __init__(self, journal_dir: Path | None = None, access_log: bool = False) -> None:
         self._pending: list[dict[str, Any]] = []
+        # setting `access_log`: each row also goes out as a JSON line (access_log.py); off, no work at all
+        self.access: Callable[[Mapping[str, Any]], None] | None = (
+            open_access_log(_dumps, COLUMNS) if access_log else None)
         self.recorded = 0
         self.dropped = 0  # rows the database refused (each logged), never written
         self.deferred = 0  # rows evicted from a full buffer: in the journal, written at the next start
@@ -180,6 +183,8 @@ class RequestLog:
             self.journal.append(row)
         self._pending.append(row)
         self.recorded += 1
+        if self.access is not None:
+            self.access(row)
         if len(self._pending) > MAX_PENDING:
             self._evict()
 

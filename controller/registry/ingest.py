@@ -15,6 +15,7 @@ import aiomqtt
 from ollama_fleet import mqtt as fmqtt
 from ollama_fleet.contract.protocol import (
     CONTROLLER_NODE,
+    NODE_TOPICS,
     PROTO,
     PROTO_RANGE,
     RETAINED_KINDS,
@@ -35,6 +36,7 @@ log = logging.getLogger("fleet.ingest")
 REBIRTH_EVERY = 30.0  # seconds between rebirth requests to one agent whose session we missed
 LOG_EVERY = 10.0  # seconds between log lines for the same kind of dropped message
 EVENT_EVERY = 60.0  # seconds between event-log rows for the same kind of dropped message
+DROPPED = "dropped."  # counters: `dropped.<reason>` per reason, beside the total `dropped`
 
 ControllerCommand = Callable[[dict[str, Any]], Coroutine[Any, Any, None]]
 
@@ -177,12 +179,12 @@ class Ingest:
     def drop(self, topic: str, reason: str, detail: str = "") -> None:
         topic, detail = clean_text(topic, 200), clean_text(detail, 300)  # both may quote the sender's bytes
         self.counters["dropped"] += 1
-        self.counters[f"dropped.{reason}"] += 1
+        self.counters[DROPPED + reason] += 1
         now = time.time()
         if now - self._last_log.get(reason, 0) >= LOG_EVERY:
             self._last_log[reason] = now
             log.warning("dropped MQTT message on %s: %s (%d so far)", topic, detail or reason,
-                        self.counters[f"dropped.{reason}"])
+                        self.counters[DROPPED + reason])
         if now - self._last_event.get(reason, 0) >= EVENT_EVERY:
             self._last_event[reason] = now
             self.registry.event("ingest_error", None, f"dropped message on {topic}: {detail or reason}",
@@ -199,6 +201,15 @@ class Ingest:
             raise aiomqtt.MqttError("not connected to the broker")
         for kind in RETAINED_KINDS:
             await self.client.publish(self.topics.node(node, kind), b"", qos=1, retain=True)
+
+    # ---- counters, as /metrics reads them (controller/metrics/fleet.py) -----------------------
+    def messages_by_kind(self) -> dict[str, int]:
+        """Messages applied, per node topic kind: every kind, 0 too (`counters` keys them by kind)."""
+        return {kind: self.counters[kind] for kind in NODE_TOPICS}
+
+    def dropped_by_reason(self) -> dict[str, int]:
+        """Messages dropped, per reason (the keys `drop()` writes as `dropped.<reason>`)."""
+        return {key[len(DROPPED):]: n for key, n in self.counters.items() if key.startswith(DROPPED)}
 
     def stats(self) -> dict[str, Any]:
         lat = sorted(self.latency)

@@ -1,0 +1,191 @@
+"""`GET /metrics`: the controller's Prometheus exposition, built at scrape time.
+
+One collector on the controller's own CollectorRegistry (not prometheus_client's global one, which would
+mix in the process and platform collectors and every test's controller) yields:
+- the proxy's request figures (RequestStats.families(), controller/metrics/requests.py);
+- the fleet from the live registry: agents by status (the read model's counts), requests in flight per
+  agent, and the node telemetry the agents' heartbeats carry, in Prometheus' base units (ratios 0-1,
+  bytes, celsius, watts), so one scrape of the controller replaces an exporter on every GPU machine;
+- the MQTT ingest counters and the job ledger's jobs by status.
+
+Names, help and labels come from names.py. A scrape reads memory only; the families are built on the
+event loop (the registry changes there) and turned into text on a worker thread, so a large fleet's
+scrape does not hold the proxy's loop for its whole length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, raw
+from sanic_ext import openapi
+
+from ollama_fleet.contract.jobs import STATUSES as JOB_STATUSES
+from ollama_fleet.contract.status import ALL as AGENT_STATUSES
+from ollama_fleet.contract.status import AgentStatus
+
+from ollama_fleet.controller.jobs.ledger import JobLedger
+from ollama_fleet.controller.metrics import names
+from ollama_fleet.controller.metrics.requests import RequestStats
+from ollama_fleet.controller.registry.ingest import Ingest
+from ollama_fleet.controller.registry.live import MAX_LIST, Registry
+
+PERCENT = 100.0  # the agent reports CPU and GPU use in percent; Prometheus wants ratios
+ONLINE = AgentStatus.ONLINE.value  # plain str: compared once per agent per scrape
+
+
+def gauge(spec: names.MetricSpec) -> GaugeMetricFamily:
+    return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+
+
+def counter(spec: names.MetricSpec) -> CounterMetricFamily:
+    return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from an agent's document, or None (heartbeats are checked for shape, not values)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:  # an int beyond float range
+        return None
+    return f if math.isfinite(f) else None
+
+
+class FleetCollector(Collector):
+    """The fleet's figures at scrape time, from the parts that hold them."""
+
+    def __init__(self, registry: Registry, ingest: Ingest, jobs: JobLedger, stats: RequestStats) -> None:
+        self.registry, self.ingest, self.jobs, self.stats = registry, ingest, jobs, stats
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.stats.families()
+        yield from self._agents()
+        yield from self._mqtt()
+        yield self._jobs()
+
+    def _agents(self) -> Iterator[Metric]:
+        """Agents by status, then per agent. The hot part of a large fleet's scrape: one pass, samples
+        appended as they are (add_metric would build a label dict per sample; an agent's few are shared)."""
+        by_status = dict.fromkeys(AGENT_STATUSES, 0)  # every status, 0 too (as the read model counts them)
+        inflight, cpu, memory, loaded = (gauge(names.INFLIGHT), gauge(names.AGENT_CPU), gauge(names.AGENT_MEMORY),
+                                         gauge(names.AGENT_MODELS_LOADED))
+        util, gpu_mem, temp, power = (gauge(names.AGENT_GPU_UTIL), gauge(names.AGENT_GPU_MEMORY),
+                                      gauge(names.AGENT_GPU_TEMP), gauge(names.AGENT_GPU_POWER))
+        n_inflight, n_cpu, n_memory, n_loaded = inflight.name, cpu.name, memory.name, loaded.name
+        n_util, n_gpu_mem, n_temp, n_power = util.name, gpu_mem.name, temp.name, power.name
+        add_inflight, add_cpu, add_memory, add_loaded = (inflight.samples.append, cpu.samples.append,
+                                                         memory.samples.append, loaded.samples.append)
+        add_util, add_gpu_mem, add_temp, add_power = (util.samples.append, gpu_mem.samples.append,
+                                                      temp.samples.append, power.samples.append)
+        for a in self.registry.agents.values():
+            status = a.status
+            by_status[status] = by_status.get(status, 0) + 1
+            agent = {"agent": a.node_id}
+            add_inflight(Sample(n_inflight, agent, a.in_flight))
+            if a.state != ONLINE:
+                continue  # a stale, lost or offline agent's last figures are not its present: no series
+            m = a.metrics
+            add_loaded(Sample(n_loaded, agent, len(a.loaded)))
+            if (v := _number(m.get("cpu"))) is not None:
+                add_cpu(Sample(n_cpu, agent, v / PERCENT))
+            if (v := _number(m.get("mem_used"))) is not None:
+                add_memory(Sample(n_memory, agent, v))
+            gpus = m.get("gpus")
+            if not isinstance(gpus, list):
+                continue
+            seen: set[int] = set()  # one series per GPU index, even if a heartbeat repeats one
+            for g in gpus[:MAX_LIST]:  # ingest checked each is an object with an integer index
+                index = g["index"]
+                if index in seen:
+                    continue
+                seen.add(index)
+                labels = {"agent": a.node_id, "gpu": str(index)}
+                if (v := _number(g.get("util"))) is not None:
+                    add_util(Sample(n_util, labels, v / PERCENT))
+                if (v := _number(g.get("mem_used"))) is not None:
+                    add_gpu_mem(Sample(n_gpu_mem, labels, v))
+                if (v := _number(g.get("temp"))) is not None:
+                    add_temp(Sample(n_temp, labels, v))
+                if (v := _number(g.get("power"))) is not None:
+                    add_power(Sample(n_power, labels, v))
+        agents = gauge(names.AGENTS)
+        for status, n in by_status.items():
+            agents.add_metric((status,), n)
+        yield from (agents, inflight, cpu, memory, util, gpu_mem, temp, power, loaded)
+
+    def _mqtt(self) -> Iterator[Metric]:
+        messages = counter(names.MQTT_MESSAGES)
+        for kind, n in self.ingest.messages_by_kind().items():
+            messages.add_metric((kind,), n)
+        yield messages
+        dropped = counter(names.MQTT_DROPPED)
+        for reason, n in sorted(self.ingest.dropped_by_reason().items()):
+            dropped.add_metric((reason,), n)
+        yield dropped
+
+    def _jobs(self) -> Metric:
+        """Unfinished jobs and the finished ones the ledger still keeps (its `recent`, bounded)."""
+        counts = Counter(r.status.value for r in self.jobs.active.values())
+        counts.update(r.status.value for r in self.jobs.recent.values())
+        jobs = gauge(names.JOBS)
+        for status in JOB_STATUSES:
+            jobs.add_metric((status,), counts[status])
+        return jobs
+
+
+class Families(Collector):
+    """Families already built: what the worker thread formats, while the loop moves on."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+class FleetMetrics:
+    """The controller's metrics registry (compose.Fleet.metrics): the fleet collector on its own
+    CollectorRegistry, which a future exporter can join."""
+
+    def __init__(self, registry: Registry, ingest: Ingest, jobs: JobLedger, stats: RequestStats) -> None:
+        self.registry = CollectorRegistry()
+        self.collector = FleetCollector(registry, ingest, jobs, stats)
+        self.registry.register(self.collector)
+
+    def snapshot(self) -> Families:
+        """Every family, built now from live memory: call it on the event loop."""
+        return Families(list(self.registry.collect()))
+
+    def exposition(self) -> bytes:
+        """The text format in one call (the bench; tests)."""
+        return generate_latest(self.snapshot())
+
+    async def render(self) -> bytes:
+        """The route's: built on the loop, formatted on a worker thread (the families are its own copy)."""
+        snapshot = self.snapshot()
+        return await asyncio.to_thread(generate_latest, snapshot)
+
+
+def blueprint(metrics: FleetMetrics) -> Blueprint:
+    """The `/metrics` route over this controller's metrics. A read under controller/edge/access.py's policy:
+    an admin or viewer token (Prometheus' `authorization` scrape option sends it as a Bearer token) or a
+    dashboard login; without tokens, direct loopback clients only."""
+    bp = Blueprint("metrics")
+
+    @bp.get("/metrics")
+    @openapi.summary("Prometheus metrics: requests, agents, GPU telemetry, MQTT ingest, jobs")
+    async def metrics_text(request: Request) -> HTTPResponse:
+        return raw(await metrics.render(), content_type=CONTENT_TYPE_LATEST)
+
+    return bp
