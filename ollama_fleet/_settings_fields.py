@@ -93,7 +93,8 @@ class SettingsFields:
     # Count proxied requests for `GET /metrics` (Prometheus) and the dashboard's per-agent and per-model
     # figures. Off: the proxy does no metric work; /metrics keeps the fleet gauges.
     metrics: bool = True
-    # One JSON line per proxied request (the request log's fields) on the `fleet.access` logger.
+    # One JSON line per proxied request (the request log's fields) on the `fleet.access` logger, written
+    # to stdout (diagnostics stay on stderr).
     access_log: bool = False
     # OpenTelemetry traces: the OTLP/HTTP endpoint (e.g. http://127.0.0.1:4318) that receives one trace
     # per proxied request. Empty: tracing off, at no cost. Needs the `otel` extra.

@@ -115,7 +115,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("metrics", bool, True, "Count proxied requests for `GET /metrics` (Prometheus) and the dashboard's "
        "per-agent and per-model figures. Off: the proxy does no metric work; /metrics keeps the fleet gauges.", C),
     _s("access_log", bool, False, "One JSON line per proxied request (the request log's fields) on the "
-       "`fleet.access` logger.", C),
+       "`fleet.access` logger, written to stdout (diagnostics stay on stderr).", C),
     _s("otel_endpoint", str, "", "OpenTelemetry traces: the OTLP/HTTP endpoint (e.g. http://127.0.0.1:4318) "
        "that receives one trace per proxied request. Empty: tracing off, at no cost. Needs the `otel` extra.", C),
     _s("otel_service_name", str, "ollama-fleet", "The `service.name` of the controller's traces.", C),

@@ -75,6 +75,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=3000, help="requests per measurement and controller")
     p.add_argument("--rounds", type=int, default=6, help="alternating on/off blocks per measurement")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--control", action="store_true", help="A/A run: metrics off in both controllers, to see "
+                   "how far apart two identical setups measure on this machine")
     args = p.parse_args()
 
     print(f"observe(): {micro():.2f} us per request (Observation built + observed, in-process)")
@@ -93,7 +95,7 @@ def main() -> int:
             node = f"bench-{k}"
             broker.add_user(node)
             ctl = BenchController(d, broker.url("controller"), {
-                "FLEET_LOG_LEVEL": "WARNING", "FLEET_FLUSH_INTERVAL": "1", "FLEET_METRICS": "1" if k == "on" else "0"})
+                "FLEET_LOG_LEVEL": "WARNING", "FLEET_FLUSH_INTERVAL": "1", "FLEET_METRICS": "1" if k == "on" and not args.control else "0"})
             procs.append(ctl)
             procs.append(AgentProc(d, node, broker.url(node), fake.url, {"FLEET_HEARTBEAT_INTERVAL": "2"}))
             ctls[k] = ctl
@@ -103,6 +105,8 @@ def main() -> int:
         print(f"cpus: {os.cpu_count()} (load generator, fake Ollama, two controllers, agents, brokers share them)")
         rows = asyncio.run(bench({k: c.url for k, c in ctls.items()}, {k: c.pid for k, c in ctls.items()},
                                  args.concurrency, args.requests, args.rounds))
+        if args.control:
+            print("CONTROL RUN: metrics off in both; the figures below are the noise floor")
         counted = ctls["on"].http.get("/metrics").text.count("fleet_requests_total{")
         print(f"series of fleet_requests_total on the metrics-on controller: {counted}")
         for what, ratio, added, cpu in rows:
