@@ -16,7 +16,6 @@ scrape does not hold the proxy's loop for its whole length.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -32,6 +31,7 @@ from sanic_ext import openapi
 from ollama_fleet.contract.jobs import STATUSES as JOB_STATUSES
 from ollama_fleet.contract.status import ALL as AGENT_STATUSES
 from ollama_fleet.contract.status import AgentStatus
+from ollama_fleet.contract.sanitize import finite
 
 from ollama_fleet.controller.jobs.ledger import JobLedger
 from ollama_fleet.controller.metrics import names
@@ -49,17 +49,6 @@ def gauge(spec: names.MetricSpec) -> GaugeMetricFamily:
 
 def counter(spec: names.MetricSpec) -> CounterMetricFamily:
     return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
-
-
-def _number(value: Any) -> float | None:
-    """A finite number from an agent's document, or None (heartbeats are checked for shape, not values)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        f = float(value)
-    except OverflowError:  # an int beyond float range
-        return None
-    return f if math.isfinite(f) else None
 
 
 class FleetCollector(Collector):
@@ -97,9 +86,9 @@ class FleetCollector(Collector):
                 continue  # a stale, lost or offline agent's last figures are not its present: no series
             m = a.metrics
             add_loaded(Sample(n_loaded, agent, len(a.loaded)))
-            if (v := _number(m.get("cpu"))) is not None:
+            if (v := finite(m.get("cpu"))) is not None:
                 add_cpu(Sample(n_cpu, agent, v / PERCENT))
-            if (v := _number(m.get("mem_used"))) is not None:
+            if (v := finite(m.get("mem_used"))) is not None:
                 add_memory(Sample(n_memory, agent, v))
             gpus = m.get("gpus")
             if not isinstance(gpus, list):
@@ -111,13 +100,13 @@ class FleetCollector(Collector):
                     continue
                 seen.add(index)
                 labels = {"agent": a.node_id, "gpu": str(index)}
-                if (v := _number(g.get("util"))) is not None:
+                if (v := finite(g.get("util"))) is not None:
                     add_util(Sample(n_util, labels, v / PERCENT))
-                if (v := _number(g.get("mem_used"))) is not None:
+                if (v := finite(g.get("mem_used"))) is not None:
                     add_gpu_mem(Sample(n_gpu_mem, labels, v))
-                if (v := _number(g.get("temp"))) is not None:
+                if (v := finite(g.get("temp"))) is not None:
                     add_temp(Sample(n_temp, labels, v))
-                if (v := _number(g.get("power"))) is not None:
+                if (v := finite(g.get("power"))) is not None:
                     add_power(Sample(n_power, labels, v))
         agents = gauge(names.AGENTS)
         for status, n in by_status.items():

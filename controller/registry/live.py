@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ollama_fleet.contract.sanitize import clean_text
+from ollama_fleet.contract.sanitize import clean_text, finite
 from ollama_fleet.contract.status import AgentStatus
 
 from ollama_fleet.controller.hub import Hub
@@ -39,17 +38,6 @@ def _text(value: Any) -> str | None:
 def _int64(value: Any) -> int | None:
     """A non-negative integer that fits a BIGINT column, or None."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64 else None
-
-
-def _number(value: Any) -> float | None:
-    """A finite number for a REAL column, or None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        f = float(value)
-    except OverflowError:  # an int beyond float range
-        return None
-    return f if math.isfinite(f) else None
 
 
 @dataclass(eq=False)  # identity: records are compared on the proxy's hot path (router membership tests)
@@ -288,7 +276,7 @@ class Registry:
             level = "warning" if state == "lost" else "info"
             self._set_state(a, state, "last will" if state == "lost" else "clean stop", level)
         if state == "online":
-            hb = _number(doc.get("hb_interval"))
+            hb = finite(doc.get("hb_interval"))
             a.hb_interval = hb if hb is not None and 0 < hb <= HB_INTERVAL_MAX else a.hb_interval
             agent = doc.get("agent")
             if isinstance(agent, dict):
@@ -340,12 +328,12 @@ class Registry:
 
     def _sample(self, a: AgentRecord, now: float) -> dict[str, Any]:
         gpus = [g for g in a.metrics.get("gpus") or [] if isinstance(g, dict)]
-        utils = [u for g in gpus if (u := _number(g.get("util"))) is not None]
+        utils = [u for g in gpus if (u := finite(g.get("util"))) is not None]
         used = [g["mem_used"] for g in gpus if isinstance(g.get("mem_used"), int)]
         total = [g["mem_total"] for g in gpus if isinstance(g.get("mem_total"), int)]
         return {
-            "node_id": a.node_id, "ts": now, "cpu": _number(a.metrics.get("cpu")),
-            "mem": _number(a.metrics.get("mem")), "gpu_util": _number(sum(utils) / len(utils)) if utils else None,
+            "node_id": a.node_id, "ts": now, "cpu": finite(a.metrics.get("cpu")),
+            "mem": finite(a.metrics.get("mem")), "gpu_util": finite(sum(utils) / len(utils)) if utils else None,
             "gpu_mem_used": _int64(sum(used)) if used else None, "gpu_mem_total": _int64(sum(total)) if total else None,
         }
 

@@ -9,6 +9,7 @@ rest of the value readable; nothing raises.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -98,3 +99,15 @@ def depth(value: Any) -> int:
         deepest = max(deepest, level)
         stack.extend((c, level + 1) for c in children if isinstance(c, (dict, list)))
     return deepest
+
+
+def finite(value: Any) -> float | None:
+    """A finite number from an agent's document (for a REAL column or a metric), or None: a bool, a string,
+    NaN, infinity or an int beyond float range is not one."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
