@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from ollama_fleet.contract.jobs import JobVerb
 from ollama_fleet.agent.progress import JobReport, Meter
 from ollama_fleet.model_tiers import largest_gpu_memory, load_tiers
 from ollama_fleet.settings import Config
@@ -93,7 +94,7 @@ async def ensure_default_model(cfg: Config, ollama_url: str, gpus: list[dict[str
         if any(_same_model(m.get("name", ""), model) for m in tags):
             log.info("default model %s is already installed", model)
             return model
-        job = JobReport(job_id_for(model), "model.pull", emit, origin="default", args={"model": model})
+        job = JobReport(job_id_for(model), JobVerb.PULL, emit, origin="default", args={"model": model})
         event("default_model_pull_started", "info", f"pulling default model {model}", model=model,
               job_id=job.job_id)
         job.start(phase="pulling manifest")

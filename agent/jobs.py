@@ -27,7 +27,7 @@ import httpx
 from ollama_fleet.agent import collect
 from ollama_fleet.agent.outbox import Publisher
 from ollama_fleet.agent.progress import human_bytes
-from ollama_fleet.contract.jobs import TERMINAL, JobFigures, JobStatus
+from ollama_fleet.contract.jobs import TERMINAL, JobFigures, JobStatus, JobVerb
 from ollama_fleet.contract.model_names import normalize, valid_model_name
 from ollama_fleet.contract.protocol import JOB_ID_RE, PROTO, PROTO_RANGE
 from ollama_fleet.settings import Config
@@ -153,7 +153,7 @@ class JobRunner:
     # ---- what the agent reports ------------------------------------------------------------
     def handlers(self) -> dict[str, CommandHandler]:
         """The command verbs this runner answers, for the agent's dispatcher."""
-        return {"model.pull": self._cmd_pull, "model.delete": self._cmd_delete, "job.cancel": self._cmd_cancel}
+        return {JobVerb.PULL: self._cmd_pull, JobVerb.DELETE: self._cmd_delete, "job.cancel": self._cmd_cancel}
 
     def info(self) -> dict[str, Any]:
         """Fields of the `info` snapshot the controller's dispatcher and auto-distribution read."""
@@ -254,12 +254,12 @@ class JobRunner:
             del self.jobs[oldest]
 
     async def _cmd_pull(self, doc: dict[str, Any]) -> None:
-        job = self._accept(doc, "model.pull")
+        job = self._accept(doc, JobVerb.PULL)
         if job is not None:
             job.task = asyncio.create_task(self._run(job, self._pull), name=f"job-{job.job_id}")
 
     async def _cmd_delete(self, doc: dict[str, Any]) -> None:
-        job = self._accept(doc, "model.delete")
+        job = self._accept(doc, JobVerb.DELETE)
         if job is not None:
             job.task = asyncio.create_task(self._run(job, self._delete), name=f"job-{job.job_id}")
 
@@ -274,7 +274,7 @@ class JobRunner:
 
     # ---- running ---------------------------------------------------------------------------
     async def _run(self, job: Job, work: Work) -> None:
-        if job.verb != "model.pull":
+        if job.verb != JobVerb.PULL:
             await self._work(job, work)
             return
         try:

@@ -215,6 +215,7 @@ def test_proxied_requests_are_counted(fleet: Any) -> None:
         prompt, completion = prompt + final["prompt_eval_count"], completion + final["eval_count"]
     assert c.http.post("/api/chat", json=chat_body(model="no-such-model")).status_code == 404
     assert c.http.post("/api/chat", content=b"{").status_code == 400
+    assert c.http.post("/api/show", json={"model": "llama3.2:latest"}).status_code == 200  # no first token
     got = scrape(c)  # the request is counted before its last byte leaves: no waiting needed
     model = "llama3.2:latest"
     assert value(got, "fleet_requests_total", endpoint="/api/chat", model=model, agent="mr-a", code="200") == 5
@@ -227,8 +228,9 @@ def test_proxied_requests_are_counted(fleet: Any) -> None:
     assert value(got, "fleet_request_ttft_seconds_count", model=model) == 5
     assert value(got, "fleet_request_tpot_seconds_count", model=model) == 5
     assert 0 < value(got, "fleet_request_tpot_seconds_sum", model=model) < 5
-    assert value(got, "fleet_request_duration_seconds_count", model=model) == 5
-    assert value(got, "fleet_request_overhead_seconds_count") == 7
+    assert value(got, "fleet_request_duration_seconds_count", model=model) == 6  # the chats and the show
+    assert value(got, "fleet_requests_total", endpoint="/api/show", model=model, agent="mr-a", code="200") == 1
+    assert value(got, "fleet_request_overhead_seconds_count") == 8
     duration = value(got, "fleet_request_duration_seconds_sum", model=model)
     assert 0 < value(got, "fleet_request_overhead_seconds_sum") < duration + 0.1
     assert value(got, "fleet_failovers_total") == 0

@@ -525,6 +525,12 @@ async def test_an_unusable_url_is_a_connect_error(pool):
         await post(pool, "ftp://127.0.0.1:1")
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://127.0.0.1:99999"])
+async def test_a_bad_port_in_an_agents_url_is_a_connect_error_so_the_proxy_fails_over(pool, url):
+    with pytest.raises(ConnectError, match="bad port"):  # a ValueError here would be a 500, no failover
+        await post(pool, url)
+
+
 # ---- timeouts --------------------------------------------------------------------------------------------
 async def test_a_server_that_never_answers_is_a_read_timeout_and_the_connection_is_closed(pool, serve):
     async def handler(peer: Peer) -> None:

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ollama_fleet.contract.jobs import JobVerb
 from ollama_fleet.contract.model_names import normalize, valid_model_name
 from ollama_fleet.model_tiers import Tiers, largest_gpu_memory
 from ollama_fleet.settings import Config
@@ -156,7 +157,7 @@ class Distributor:
             if skip_installed and not force and has_model(a, model):
                 plan.skipped.append({"agent_id": a.node_id, "reason": "already installed"})
                 continue
-            existing = self.ledger.find_active(a.node_id, "model.pull", model)
+            existing = self.ledger.find_active(a.node_id, JobVerb.PULL, model)
             if existing is not None and not force:
                 plan.reused.append(existing)
                 continue
@@ -171,7 +172,7 @@ class Distributor:
                 args["force"] = True
             if size:
                 args["size"] = size
-            plan.jobs.append(self.ledger.new(a.node_id, "model.pull", args, origin, plan.group,
+            plan.jobs.append(self.ledger.new(a.node_id, JobVerb.PULL, args, origin, plan.group,
                                              queue_if_offline or origin == "auto"))
         if not plan.recs and disk_skips:
             raise DistributionError(507, "; ".join(s["reason"] + f" on {s['agent_id']}"
@@ -185,11 +186,11 @@ class Distributor:
     async def delete(self, model: str, nodes: list[str], origin: str, group: str | None = None) -> Plan:
         plan = Plan(group or uuid.uuid4().hex)
         for node in nodes:
-            existing = self.ledger.find_active(node, "model.delete", model)
+            existing = self.ledger.find_active(node, JobVerb.DELETE, model)
             if existing is not None:
                 plan.reused.append(existing)
             else:
-                plan.jobs.append(self.ledger.new(node, "model.delete", {"model": model}, origin, plan.group))
+                plan.jobs.append(self.ledger.new(node, JobVerb.DELETE, {"model": model}, origin, plan.group))
         await self.ledger.submit(plan.jobs)
         return plan
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Protocol, TypeAlias
 
-from ollama_fleet.contract.jobs import JOB_VERBS, STATUSES, JobFigures, JobStatus
+from ollama_fleet.contract.jobs import JOB_VERBS, STATUSES, JobFigures, JobStatus, JobVerb
 from ollama_fleet.contract.model_names import normalize
 from ollama_fleet.contract.status import AgentStatus
 
@@ -256,7 +256,7 @@ class JobMachine:
         return None
 
     def running_pulls(self) -> list[JobRec]:
-        return [r for r in self.active.values() if r.verb == "model.pull" and not r.held]
+        return [r for r in self.active.values() if r.verb == JobVerb.PULL and not r.held]
 
     # ---- new jobs ----------------------------------------------------------------------------
     def accept(self, recs: Iterable[JobRec]) -> None:
@@ -307,7 +307,7 @@ class JobMachine:
             if not broker_up:
                 self._phase(rec, "waiting for the broker", now, effects)
                 continue
-            if rec.verb == "model.pull":
+            if rec.verb == JobVerb.PULL:
                 if len(running) >= self.cap:
                     why = f"waiting for a fleet pull slot ({self.cap} running: max_concurrent_pulls)"
                     self._phase(rec, why, now, effects)

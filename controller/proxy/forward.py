@@ -83,6 +83,7 @@ class Endpoint:
     openai: bool
     stream_default: bool
     name_alias: bool = False  # /api/show accepts the deprecated `name` for `model`
+    generates: bool = False  # answers with generated tokens: only these have a time to first token
 
     def error(self, status: int, message: str, code: str | None = None) -> HTTPResponse:
         return error_response(self.openai, status, message, code)
@@ -202,12 +203,13 @@ class Exchange:
     def observation(self, duration_s: float) -> Observation:
         """The request's numbers for RequestStats: overhead is what remains of the total once the time
         awaiting others is taken out; TTFT (of a success) is the first chunk's time for a stream, Ollama's
-        own figure (load + prompt evaluation) for a whole answer when it gave one (set only then)."""
+        own figure (load + prompt evaluation) for a whole answer when it gave one; only for endpoints that
+        generate (an /api/show or an embedding has no first token)."""
         status, reason = self.status, self.reason
         if not status:  # an exception escaped the proxy: Sanic answers 500
             status, reason = 500, "internal"
         ttft = None
-        if reason is None and self.ttfb_ms is not None:  # a success's
+        if reason is None and self.ttfb_ms is not None and self.ep.generates:  # a generation's, when it succeeded
             ttft = self.first_token_ns / 1e9 if self.first_token_ns else self.ttfb_ms / 1000
         tpot = self.eval_ns / self.completion_tokens / 1e9 if self.eval_ns and self.completion_tokens else None
         return Observation(
@@ -396,11 +398,14 @@ class Proxy:
         if x.logged:
             return
         x.logged = True
-        x.trace.finish(x)
         row = x.row()
         self.requests.add(row)
         if self.stats is not None:
             self.stats.observe(x.observation(row["duration_ms"] / 1000))
+        try:  # after the row: a tracing failure must not cost the request's record
+            x.trace.finish(x)
+        except Exception:
+            log.exception("request %s: finishing its trace failed", x.rid)
 
     async def _forward(self, x: Exchange) -> HTTPResponse | None:
         request, ep = x.request, x.ep
@@ -571,7 +576,12 @@ class Proxy:
                     x.ttfb_ms = x.since_ms()
                 if last:  # logged before the end goes out (see _finish)
                     self._stream_done(x, tap, answer.status, tap.error())
-                await response.send(chunk, end_stream=last)
+                if timed:  # a slow reader's backpressure is the client's time, not the controller's
+                    t = time.perf_counter()
+                    await response.send(chunk, end_stream=last)
+                    x.waited += time.perf_counter() - t
+                else:
+                    await response.send(chunk, end_stream=last)
                 if last:
                     break
                 if timed:

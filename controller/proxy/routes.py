@@ -22,15 +22,15 @@ bp = Blueprint("proxy")
 # GET+HEAD routes are registered with add_route: bp.route() is an untyped decorator (mypy --strict)
 
 ROUTED = (
-    Endpoint("/api/chat", openai=False, stream_default=True),
-    Endpoint("/api/generate", openai=False, stream_default=True),
+    Endpoint("/api/chat", openai=False, stream_default=True, generates=True),
+    Endpoint("/api/generate", openai=False, stream_default=True, generates=True),
     Endpoint("/api/embed", openai=False, stream_default=False),
     Endpoint("/api/embeddings", openai=False, stream_default=False),
     Endpoint("/api/show", openai=False, stream_default=False, name_alias=True),
-    Endpoint("/v1/chat/completions", openai=True, stream_default=False),
-    Endpoint("/v1/completions", openai=True, stream_default=False),
+    Endpoint("/v1/chat/completions", openai=True, stream_default=False, generates=True),
+    Endpoint("/v1/completions", openai=True, stream_default=False, generates=True),
     Endpoint("/v1/embeddings", openai=True, stream_default=False),
-    Endpoint("/v1/responses", openai=True, stream_default=False),
+    Endpoint("/v1/responses", openai=True, stream_default=False, generates=True),
 )
 NO_VERSION = "0.0.0"
 

@@ -168,7 +168,10 @@ class OtelRequestTrace(RequestTrace):
         if agent.ollama_url:
             url = urlsplit(agent.ollama_url)
             attrs["server.address"] = url.hostname or ""
-            attrs["server.port"] = url.port or (443 if url.scheme == "https" else 80)
+            try:
+                attrs["server.port"] = url.port or (443 if url.scheme == "https" else 80)
+            except ValueError:  # a bad port in an agent's URL: the attempt fails over, the span says where
+                pass
         name = " ".join(p for p in (self.operation or "ollama", self.model) if p)
         self.current = self.tracer.start_span(name, context=set_span_in_context(self.span), kind=SpanKind.CLIENT,
                                               attributes=attrs)

@@ -77,7 +77,11 @@ class _Target:
             raise ConnectError(f"unusable Ollama URL {url!r}")
         self.ssl = u.scheme == "https"
         self.host = u.hostname
-        self.port = u.port or (443 if self.ssl else 80)
+        try:
+            port = u.port  # an agent's advertised URL may carry a port like `:abc` or `:99999`
+        except ValueError:
+            raise ConnectError(f"unusable Ollama URL {url!r}: bad port") from None
+        self.port = port or (443 if self.ssl else 80)
         self.netloc = u.netloc.rpartition("@")[2]
         self.prefix = u.path.rstrip("/")
         self.key = (u.scheme, self.host, self.port)

@@ -48,7 +48,7 @@ class AgentRecord:
     display_name: str = ""
     tags: list[str] = field(default_factory=list)
     notes: str = ""
-    state: str = "online"
+    state: str = AgentStatus.ONLINE
     session: str = ""
     forced_offline: bool = False
     ollama_up: bool = False
@@ -81,8 +81,8 @@ class AgentRecord:
     @property
     def status(self) -> str:
         """One word for humans: the state, or `ollama_down` for a live agent whose Ollama is not."""
-        if self.state == "online" and not self.ollama_up:
-            return "ollama_down"
+        if self.state == AgentStatus.ONLINE and not self.ollama_up:
+            return AgentStatus.OLLAMA_DOWN
         return self.state
 
     def gpu_view(self) -> list[dict[str, Any]]:
@@ -130,7 +130,7 @@ class AgentRecord:
             "first_seen": self.first_seen,
             "last_seen": self.last_seen,
             "online_since": self.online_since,
-            "uptime": round(now - self.online_since, 1) if self.online_since and self.state == "online" else None,
+            "uptime": round(now - self.online_since, 1) if self.online_since and self.state == AgentStatus.ONLINE else None,
         }
 
 
@@ -183,7 +183,7 @@ class Registry:
         start = time.time()
         for row in agents:
             rec = AgentRecord(**{k: row[k] for k in AGENT_COLUMNS})
-            if rec.state == "online":
+            if rec.state == AgentStatus.ONLINE:
                 rec.last_seen = max(rec.last_seen, start)
             self.agents[rec.node_id] = rec
         for g in sorted(gpus, key=lambda g: g["index"]):
@@ -242,7 +242,7 @@ class Registry:
         if a.state == state:
             return
         old, a.state = a.state, state
-        if state == "online":
+        if state == AgentStatus.ONLINE:
             a.online_since = time.time()
         self.event(state, a.node_id, f"{a.name}: {old} -> {state} ({why})", level, previous=old)
 
@@ -253,29 +253,29 @@ class Registry:
         state, session = doc["state"], doc["session"]
         a = self.agents.get(node)
         if a is None:
-            if state != "online" and node in self.deleted:
+            if state != AgentStatus.ONLINE and node in self.deleted:
                 return "deleted"  # a deleted agent saying goodbye: do not bring it back
             self.deleted.discard(node)
             a = self.agents[node] = AgentRecord(node_id=node, first_seen=now, last_seen=now, state=state,
                                                 session=session)
-            if state == "online":
+            if state == AgentStatus.ONLINE:
                 a.online_since = now
             self.event("registered", node, f"{node} joined the fleet ({state})")
-        elif state == "online":
+        elif state == AgentStatus.ONLINE:
             if session != a.session:
                 a.session, a.forced_offline = session, False
-                if a.state == "online":  # reconnected between two looks: still worth a line
+                if a.state == AgentStatus.ONLINE:  # reconnected between two looks: still worth a line
                     self.event("reconnected", node, f"{a.name} reconnected")
                     a.online_since = now
             if a.forced_offline:
                 return "forced_offline"
-            self._set_state(a, "online", "birth")
+            self._set_state(a, AgentStatus.ONLINE, "birth")
         else:
             if a.session and session != a.session:
                 return "stale_session"  # the will of an older connection (client-id takeover)
-            level = "warning" if state == "lost" else "info"
-            self._set_state(a, state, "last will" if state == "lost" else "clean stop", level)
-        if state == "online":
+            level = "warning" if state == AgentStatus.LOST else "info"
+            self._set_state(a, state, "last will" if state == AgentStatus.LOST else "clean stop", level)
+        if state == AgentStatus.ONLINE:
             hb = finite(doc.get("hb_interval"))
             a.hb_interval = hb if hb is not None and 0 < hb <= HB_INTERVAL_MAX else a.hb_interval
             agent = doc.get("agent")
@@ -306,8 +306,8 @@ class Registry:
         if isinstance(ollama, dict) and ollama.get("up") is not a.ollama_up and isinstance(ollama.get("up"), bool):
             self._set_ollama(a, ollama["up"])
             steady = False
-        if a.state == "stale" and not a.forced_offline:
-            self._set_state(a, "online", "heartbeat resumed")
+        if a.state == AgentStatus.STALE and not a.forced_offline:
+            self._set_state(a, AgentStatus.ONLINE, "heartbeat resumed")
             steady = False
         if now - a.last_sample >= self.sample_interval:
             # the first sample lands at a random point of the interval: a fleet that (re)connects at
@@ -421,8 +421,8 @@ class Registry:
         now = now or time.time()
         stale = []
         for a in self.agents.values():
-            if a.state == "online" and now - a.last_seen > self.stale_after * a.hb_interval:
-                self._set_state(a, "stale", f"no heartbeat for {now - a.last_seen:.1f} s", "warning")
+            if a.state == AgentStatus.ONLINE and now - a.last_seen > self.stale_after * a.hb_interval:
+                self._set_state(a, AgentStatus.STALE, f"no heartbeat for {now - a.last_seen:.1f} s", "warning")
                 self._changed(a)
                 stale.append(a.node_id)
         return stale
@@ -443,7 +443,7 @@ class Registry:
     def force_offline(self, node: str) -> AgentRecord:
         a = self.agents[node]
         a.forced_offline = True
-        self._set_state(a, "offline", "forced disconnect by operator", "warning")
+        self._set_state(a, AgentStatus.OFFLINE, "forced disconnect by operator", "warning")
         self._changed(a)
         return a
 

@@ -29,8 +29,14 @@ TERMINAL: frozenset[JobStatus] = frozenset(
     {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.REJECTED})
 STATUSES: tuple[str, ...] = tuple(s.value for s in JobStatus)  # API and query order
 
-# Command verbs that create a job on the agent (the others are fire-and-forget or fleet-level).
-JOB_VERBS: tuple[str, ...] = ("model.pull", "model.delete")
+class JobVerb(StrEnum):
+    """Command verbs that create a job on the agent (the others are fire-and-forget or fleet-level)."""
+
+    PULL = "model.pull"
+    DELETE = "model.delete"
+
+
+JOB_VERBS: tuple[str, ...] = tuple(v.value for v in JobVerb)
 
 
 @dataclass(kw_only=True)
