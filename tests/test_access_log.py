@@ -4,8 +4,13 @@ exactly the request log's fields and values; nothing of it when the setting is o
 from __future__ import annotations
 
 import json
+import logging
+import queue
 from typing import Any
 
+import pytest
+
+from ollama_fleet.controller.proxy import access_log
 from ollama_fleet.controller.proxy.requestlog import COLUMNS
 from tests.proxy_support import chat_body, start_fleet
 from tests.support import Controller, wait_until
@@ -56,3 +61,19 @@ def test_off_by_default(fleet: Any) -> None:
     wait_until(lambda: any(x["rid"] == rid for x in c.http.get("/api/requests").json()["requests"]),
                what="the request in the request log")
     assert _access_lines(c) == [] and rid not in c.log()
+
+
+def test_a_stalled_stdout_costs_lines_not_the_event_loop(caplog: pytest.LogCaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody drains the queue (a stuck stdout): emitting never blocks; lines beyond the queue are dropped,
+    counted, and said once on the diagnostic log."""
+    monkeypatch.setattr(access_log._DropWhenFull, "dropped", 0)
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(2)
+    handler = access_log._DropWhenFull(lines)
+    caplog.set_level(logging.WARNING, logger="fleet.proxy")
+    for i in range(5):
+        handler.emit(logging.LogRecord("fleet.access", logging.INFO, __file__, 0, f"line {i}", None, None))
+    assert lines.qsize() == 2 and [lines.get_nowait().getMessage() for _ in range(2)] == ["line 0", "line 1"]
+    assert access_log._DropWhenFull.dropped == 3
+    said = [r for r in caplog.records if "lines dropped" in r.getMessage()]
+    assert len(said) == 1 and "1 lines dropped" in said[0].getMessage()

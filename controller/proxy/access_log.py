@@ -20,11 +20,12 @@ from typing import Any
 log = logging.getLogger("fleet.access")
 
 QUEUE_MAX = 10_000  # lines waiting for stdout; beyond, lines are dropped and counted (never block the proxy)
+DROP_REPORT_EVERY = 1000
 
 
 class _DropWhenFull(QueueHandler):
     """Hands records to the writer thread; a stalled stdout (a full pipe, a stuck log shipper) costs lines,
-    counted in `dropped`, instead of stalling the event loop that serves every request."""
+    counted and said on the diagnostic log, instead of stalling the event loop that serves every request."""
 
     dropped = 0
 
@@ -33,6 +34,9 @@ class _DropWhenFull(QueueHandler):
             self.queue.put_nowait(record)
         except queue.Full:
             _DropWhenFull.dropped += 1
+            if _DropWhenFull.dropped % DROP_REPORT_EVERY == 1:  # the first, then one line per thousand
+                logging.getLogger("fleet.proxy").warning(
+                    "access log: stdout is not keeping up; %d lines dropped so far", _DropWhenFull.dropped)
 
 
 class _Bare(logging.Formatter):

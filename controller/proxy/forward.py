@@ -189,8 +189,8 @@ class Exchange:
     decision: Decision | None = None
     trace: RequestTrace = NO_TRACE  # spans, when tracing is on (controller/proxy/tracing.py)
     failures: list[str] = field(default_factory=list)  # "<node>: <why>" per attempt that failed over
-    # metrics (only when the setting `metrics` is on): seconds spent awaiting the agent (and the client's
-    # body), the failure's reason word (names.REQUEST_ERRORS), Ollama's final stats
+    # metrics (observed only when the setting `metrics` is on): seconds spent awaiting the agent and the
+    # client, the failure's reason word (names.REQUEST_ERRORS), Ollama's final stats
     waited: float = 0.0
     reason: str | None = None
     eval_ns: int | None = None
@@ -414,12 +414,9 @@ class Proxy:
             x.error, x.reason = "unauthorized", "rejected"
             return denied
         try:
-            if self.stats is not None:  # the client's upload is not time the controller adds
-                t = time.perf_counter()
-                payload = x.payload = await read_body(request, self.max_body, self.spool_dir)
-                x.waited += time.perf_counter() - t
-            else:
-                payload = x.payload = await read_body(request, self.max_body, self.spool_dir)
+            t = time.perf_counter()  # the client's upload is not time the controller adds
+            payload = x.payload = await read_body(request, self.max_body, self.spool_dir)
+            x.waited += time.perf_counter() - t
         except TooLarge as e:
             if not e.drained:  # the rest of the body is still coming: answer, then close
                 request.stream.keep_alive = False  # type: ignore[union-attr]
@@ -522,9 +519,8 @@ class Proxy:
                     data = await upstream.read()
             except UpstreamError as e:
                 raise _Failed(f"{type(e).__name__}: {e}"[:200]) from None
-            finally:
-                if self.stats is not None:  # connect, send, headers and the first chunk (or all) of the answer
-                    x.waited += time.perf_counter() - started
+            finally:  # connect, send, headers and the first chunk (or all) of the answer
+                x.waited += time.perf_counter() - started
             answer = Answer(status, ctype, {k: v for k, v in upstream.headers if k not in RESPONSE_DROP}, data,
                             streamed)
             if status >= 500 or (status == 404 and not last and b"not found" in data):
@@ -564,7 +560,6 @@ class Proxy:
         self._decorate(response.headers, x)
         tap = Tap()
         sse = ctype.startswith("text/event-stream")
-        timed = self.stats is not None
         chunk: bytes | None = answer.data
         try:
             while chunk is not None:
@@ -576,20 +571,14 @@ class Proxy:
                     x.ttfb_ms = x.since_ms()
                 if last:  # logged before the end goes out (see _finish)
                     self._stream_done(x, tap, answer.status, tap.error())
-                if timed:  # a slow reader's backpressure is the client's time, not the controller's
-                    t = time.perf_counter()
-                    await response.send(chunk, end_stream=last)
-                    x.waited += time.perf_counter() - t
-                else:
-                    await response.send(chunk, end_stream=last)
+                t = time.perf_counter()  # a slow reader's backpressure is the client's time, not ours
+                await response.send(chunk, end_stream=last)
+                x.waited += time.perf_counter() - t
                 if last:
                     break
-                if timed:
-                    t = time.perf_counter()
-                    chunk = await anext(chunks, None)
-                    x.waited += time.perf_counter() - t
-                else:
-                    chunk = await anext(chunks, None)
+                t = time.perf_counter()
+                chunk = await anext(chunks, None)
+                x.waited += time.perf_counter() - t
             else:
                 self._stream_done(x, tap, answer.status, tap.error())
                 await response.eof()
