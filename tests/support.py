@@ -141,6 +141,14 @@ class Controller(Proc):
             return a if a and all(a.get(k) == v for k, v in expect.items()) else None
         return wait_until(match, timeout, what=f"agent {node} with {expect}")
 
+    def wait_serving(self, node: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Wait until the agent is online, routable and has reported its models (presence and the
+        model list are separate messages: "online" alone can precede the models by a moment)."""
+        def match() -> dict[str, Any] | None:
+            a = self.agent(node)
+            return a if a and a.get("status") == "online" and a.get("routable") and a.get("models") else None
+        return wait_until(match, timeout, what=f"agent {node} serving its models")
+
     def close(self) -> None:
         self.stop()
         self.http.close()

@@ -189,7 +189,7 @@ def test_every_page_renders_for_screenshots(fleet, page):
     try:
         sim.heartbeat()
         c.wait_agent("gpu-box-1", status="online")
-        c.wait_agent("shot-a", status="online")
+        c.wait_serving("shot-a")
         c.http.put("/api/agents/gpu-box-1/settings", json={"display_name": "GPU Box 1", "tags": ["rtx4090", "lab"]})
         codes = [c.http.post("/api/generate", json={"model": "llama3.2", "prompt": f"hi {i}", "stream": False}
                              ).status_code for i in range(6)]

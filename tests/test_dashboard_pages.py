@@ -70,7 +70,7 @@ def test_agents_filter_search_sort_and_export(fleet, page):
 def test_requests_filters_pagination_detail_and_export(fleet, page):
     c = fleet.controller()
     fleet.agent("req-a")
-    c.wait_agent("req-a", status="online")
+    c.wait_serving("req-a")
     for i in range(30):
         assert c.http.post("/api/generate", json={"model": "llama3.2", "prompt": f"q{i}", "stream": False}).is_success
     for _ in range(3):
