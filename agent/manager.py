@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +36,7 @@ from ollama_fleet.agent.install import (
 from ollama_fleet.agent.outbox import Publisher
 from ollama_fleet.agent.progress import ConsoleProgress, JobReport, Meter
 from ollama_fleet.contract.protocol import PROTO
-from ollama_fleet.settings import Config
+from ollama_fleet.settings import Config, ConfigError
 
 log = logging.getLogger("fleet.agent.ollama")
 
@@ -49,6 +50,8 @@ class OllamaManager:
     def __init__(self, cfg: Config, publisher: Publisher | None = None, *,
                  ollama_up: Callable[[], bool] | None = None,
                  gpus: Callable[[], list[dict[str, Any]]] | None = None) -> None:
+        if cfg.ollama_num_parallel < 0:
+            raise ConfigError(f"ollama_num_parallel: {cfg.ollama_num_parallel} is negative (0 = automatic)")
         self.cfg, self.publisher = cfg, publisher
         self._ollama_up, self._gpus = ollama_up, gpus
         self.url = cfg.ollama_url.rstrip("/")
@@ -101,11 +104,19 @@ class OllamaManager:
             return "up"
         return "down" if self.state == "up" else self.state
 
+    @property
+    def num_parallel(self) -> int:
+        """Generations at once of the Ollama we report on (the controller's capacity for this agent)."""
+        s = self.supervisor
+        served = s.env if s is not None and s.managed else None  # ours: we know its environment
+        return sup.num_parallel(self.cfg.ollama_num_parallel, served, os.environ)
+
     def info(self) -> dict[str, Any]:
         s = self.supervisor
         out: dict[str, Any] = {"state": self.reported_state(), "managed": bool(s and s.pid is not None),
                                "source": self.source,
-                               "binary": str(self.binary) if self.binary else None}
+                               "binary": str(self.binary) if self.binary else None,
+                               "num_parallel": self.num_parallel}
         if s is not None:
             out.update(pid=s.pid, restarts=s.restarts)
         if self.error and out["state"] in ("missing", "install_failed", "down", "restarting"):
@@ -173,7 +184,8 @@ class OllamaManager:
             if binary is not None and self._may_start(source):
                 self.binary = binary
                 log_path = self.cfg.data_path / "logs" / f"ollama-serve-{_port(self.url)}.log"
-                self.supervisor = sup.Supervisor(self.url, binary, self.probe, self._on_supervisor, log_path)
+                env = sup.child_env(self.url, parallel=self.cfg.ollama_num_parallel)
+                self.supervisor = sup.Supervisor(self.url, binary, self.probe, self._on_supervisor, log_path, env)
                 self._set_state("starting", source=source)
                 await self.supervisor.run()
                 return

@@ -2,7 +2,8 @@
 when it exits, stop it with the agent (R-O7).
 
 The child gets the operator's environment (GPU variables untouched, proxy variables kept: Ollama
-needs them to pull models) with `OLLAMA_HOST` set from the agent's `ollama_url`. It never outlives
+needs them to pull models) with `OLLAMA_HOST` set from the agent's `ollama_url`, and
+`OLLAMA_NUM_PARALLEL` from `ollama_num_parallel` when that is set. It never outlives
 the agent: a clean stop terminates it, and on Linux PR_SET_PDEATHSIG covers a SIGKILLed agent.
 """
 
@@ -16,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +34,7 @@ STABLE_AFTER = 60.0  # a child that stayed up this long resets the restart backo
 WATCH_INTERVAL = 2.0  # seconds between probes of an Ollama that is not our child
 WATCH_MISSES = 2  # consecutive failed probes before such an Ollama counts as down
 LOG_MAX_BYTES = 10 * 1024 * 1024  # the child's output file is rotated (one .1) beyond this at start
+NUM_PARALLEL_VAR = "OLLAMA_NUM_PARALLEL"
 
 Probe = Callable[[], Awaitable["str | None"]]  # the version when Ollama answers, else None
 OnState = Callable[[str, dict[str, Any]], None]
@@ -47,11 +49,40 @@ def ollama_host(url: str) -> str:
     return f"{host}:{parts.port or 11434}"
 
 
-def child_env(url: str, base: dict[str, str] | None = None) -> dict[str, str]:
+def env_num_parallel(env: Mapping[str, str]) -> int | None:
+    """Generations at once that Ollama derives from OLLAMA_NUM_PARALLEL in `env`, or None when unset.
+
+    As Ollama's envconfig reads it: spaces, then quotes trimmed, then a uint64 in base 10; anything else
+    leaves its default, 1; and 0 means 1 too (its scheduler takes max(NumParallel, 1))."""
+    raw = env.get(NUM_PARALLEL_VAR, "").strip().strip("\"'")
+    if not raw:
+        return None
+    n = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 20 else 0
+    return n if 1 <= n < 2**64 else 1
+
+
+def num_parallel(setting: int, served: Mapping[str, str] | None, own: Mapping[str, str]) -> int:
+    """How many generations the Ollama the agent reports on runs at once: the agent's `ollama_num_parallel`
+    when set (> 0); else what Ollama makes of the environment of the `ollama serve` we started (`served`),
+    or, for an Ollama we did not start, of our own environment (the best we know of it); else 1."""
+    if setting > 0:
+        return setting
+    return env_num_parallel(own if served is None else served) or 1
+
+
+def child_env(url: str, base: Mapping[str, str] | None = None, parallel: int = 0) -> dict[str, str]:
+    """The environment of `ollama serve`; a `parallel` > 0 (the agent's setting) overrides an inherited
+    OLLAMA_NUM_PARALLEL, so that the number the agent reports is the one Ollama uses."""
     env = dict(os.environ if base is None else base)
     for key in [k for k in env if k.startswith("FLEET_")]:
         del env[key]  # the agent's own settings (broker password) are none of Ollama's business
     env["OLLAMA_HOST"] = ollama_host(url)
+    if parallel > 0:
+        inherited = env_num_parallel(env)
+        if inherited is not None and inherited != parallel:
+            log.warning("ollama_num_parallel=%d overrides %s=%r inherited by ollama serve", parallel,
+                        NUM_PARALLEL_VAR, env[NUM_PARALLEL_VAR])
+        env[NUM_PARALLEL_VAR] = str(parallel)
     return env
 
 
@@ -65,10 +96,12 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class OllamaProcess:
-    """One `ollama serve` child process, output appended to `log_path`."""
+    """One `ollama serve` child process, output appended to `log_path`; `env` defaults to child_env(url)."""
 
-    def __init__(self, binary: Path, url: str, log_path: Path | None = None) -> None:
+    def __init__(self, binary: Path, url: str, log_path: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.binary, self.url, self.log_path = binary, url, log_path
+        self.env = child_env(url) if env is None else env
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
 
@@ -90,7 +123,7 @@ class OllamaProcess:
             out = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                str(self.binary), "serve", env=child_env(self.url), stdin=asyncio.subprocess.DEVNULL,
+                str(self.binary), "serve", env=self.env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT if out is not asyncio.subprocess.DEVNULL else out,
                 start_new_session=True,  # a Ctrl-C at the agent's terminal is the agent's to handle
@@ -145,12 +178,14 @@ class Supervisor:
     """Keeps an Ollama answering at `url`: ours (`binary serve`), or someone else's that already does.
 
     States passed to `on_state`: starting, up, down (with exit_code / restart_in when ours exited).
+    `env` is the environment every `ollama serve` it starts gets (default: child_env(url)).
     """
 
     def __init__(self, url: str, binary: Path, probe: Probe, on_state: OnState,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.url, self.binary, self.probe, self.on_state = url, binary, probe, on_state
         self.log_path = log_path
+        self.env = child_env(url) if env is None else env
         self.child: OllamaProcess | None = None
         self.state = "down"
         self.managed = False  # True while the Ollama answering is our child
@@ -200,7 +235,7 @@ class Supervisor:
                 await self.child.stop()
 
     async def _run_child(self, failures: int) -> int:
-        self.child = OllamaProcess(self.binary, self.url, self.log_path)
+        self.child = OllamaProcess(self.binary, self.url, self.log_path, self.env)
         self._set("starting")
         try:
             await self.child.start()

@@ -92,9 +92,17 @@ def _double_precision(migrator: SchemaMigrator) -> None:
                 database.execute_sql(f'ALTER TABLE "{table}" ALTER COLUMN "{column}" TYPE DOUBLE PRECISION')  # type: ignore[no-untyped-call]
 
 
+def _key_limits(migrator: SchemaMigrator) -> None:
+    """Per-API-key limits (controller/proxy/keys.py); None in each: existing keys stay unlimited."""
+    for column in ("max_concurrent", "rpm", "tpm"):
+        add_column(migrator, "apikey", column, pw.IntegerField(null=True))
+    add_column(migrator, "apikey", "max_priority", pw.CharField(max_length=8, null=True))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline: the tables of releases before schema versions", _baseline),
     Migration(2, "float columns as double precision on PostgreSQL", _double_precision),
+    Migration(3, "apikey limits: max_concurrent, rpm, tpm, max_priority", _key_limits),
 )
 
 

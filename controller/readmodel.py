@@ -89,6 +89,7 @@ class AgentSummary(TypedDict):
     ip: str
     ips: list[str]
     ollama_version: str | None
+    capacity: int
     status: str
     tags: list[str]
     uptime: int | None
@@ -113,7 +114,7 @@ def agent_summary(a: AgentRecord, now: float) -> AgentSummary:
     ips: list[str] = a.info.get("ips") or []
     return {
         "id": a.node_id, "name": a.name, "hostname": a.hostname, "ip": ips[0] if ips else "", "ips": ips,
-        "ollama_version": a.ollama_version, "status": a.status, "tags": a.tags,
+        "ollama_version": a.ollama_version, "capacity": a.capacity, "status": a.status, "tags": a.tags,
         "uptime": round(now - a.online_since) if a.online_since and a.state == AgentStatus.ONLINE else None,
         "gpu_count": len(gpus), "gpu_names": sorted({str(g.get("name") or "GPU") for g in gpus}),
         "vram_total": sum(g.get("mem_total") or 0 for g in gpus),

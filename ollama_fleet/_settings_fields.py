@@ -90,6 +90,14 @@ class SettingsFields:
     proxy_cooldown: float = 5.0
     # Days of request log kept.
     request_log_retention_days: float = 7.0
+    # Requests that may wait per model when every agent that serves it is at capacity (its
+    # `ollama_num_parallel`); beyond it a 503 with Retry-After.
+    max_queue: int = 256
+    # Seconds a request may wait in its model's queue before a 503 with Retry-After.
+    max_queue_wait: float = 60.0
+    # Seconds of waiting that lift a queued request by one priority tier (`X-Fleet-Priority`), so low
+    # priority is never starved.
+    queue_aging: float = 30.0
     # Count proxied requests for `GET /metrics` (Prometheus) and the dashboard's per-agent and per-model
     # figures. Off: the proxy does no metric work; /metrics keeps the fleet gauges.
     metrics: bool = True
@@ -129,6 +137,12 @@ class SettingsFields:
     models_dir: str = ""
     # Model pulls this agent runs at once; more wait as `pending`.
     pull_concurrency: int = 1
+    # Generations this agent's Ollama runs at once, reported to the controller as the agent's capacity.
+    # 0 = automatic: `OLLAMA_NUM_PARALLEL` of the `ollama serve` the agent starts (of the agent's own
+    # environment for an Ollama it does not start), else 1. When set, the `ollama serve` the agent
+    # starts gets it as `OLLAMA_NUM_PARALLEL` (overriding an inherited, different value with a warning);
+    # for an Ollama the agent does not start, set it to match that Ollama.
+    ollama_num_parallel: int = 0
     # GB of GPU memory the controller assumes for this node when it picks models automatically, instead
     # of what NVML reports (GPUs NVML cannot see, Apple unified memory; tests). 0 = off.
     gpu_mem_override: float = 0.0

@@ -146,7 +146,20 @@ INFERENCE_PATHS = (
     "/v1/completions",
     "/v1/embeddings",
     "/v1/responses",
+    "/v1/messages",
 )
+ANTHROPIC_PATH = "/v1/messages"  # Anthropic's Messages API (docs.ollama.com/api/anthropic-compatibility)
+# Anthropic's error type per HTTP status (Ollama's anthropic.NewError); anything else is an api_error
+ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens"}  # Ollama's done_reason -> stop_reason
 
 _id_counter = itertools.count(1)
 
@@ -465,7 +478,13 @@ class FakeOllama:
         data = body if isinstance(body, str) else dumps(body)
         return HTTPResponse(data, status=status, content_type=content_type)
 
-    def _err(self, status: int, message: str, openai: bool = False) -> Any:
+    def _err(self, status: int, message: str, openai: bool = False, anthropic: bool = False) -> Any:
+        if anthropic:
+            kind = ANTHROPIC_ERRORS.get(status, "api_error")
+            rid = f"req_{os.urandom(12).hex()}"
+            return self._resp(
+                {"type": "error", "error": {"type": kind, "message": message}, "request_id": rid}, status
+            )
         if openai:
             kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
             return self._resp(
@@ -473,17 +492,27 @@ class FakeOllama:
             )
         return self._resp({"error": message}, status)
 
-    def _json(self, request: Any, openai: bool = False) -> tuple[dict[str, Any], Any]:
+    def _json(
+        self, request: Any, openai: bool = False, anthropic: bool = False
+    ) -> tuple[dict[str, Any], Any]:
         raw = request.body or b""
         if not raw.strip():
-            return {}, self._err(400, "missing request body" if not openai else "EOF", openai)
+            return {}, self._err(
+                400, "EOF" if openai or anthropic else "missing request body", openai, anthropic
+            )
         try:
             body = json.loads(raw)
         except ValueError as e:
-            return {}, self._err(400, f"invalid character in JSON: {e}", openai)
+            return {}, self._err(400, f"invalid character in JSON: {e}", openai, anthropic)
         if not isinstance(body, dict):
-            return {}, self._err(400, "json: cannot unmarshal request body into a JSON object", openai)
+            return {}, self._err(
+                400, "json: cannot unmarshal request body into a JSON object", openai, anthropic
+            )
         return body, None
+
+    def _fault_err(self, path: str, status: int, message: str) -> Any:
+        """An error in the shape the path's API uses (faults and crashes apply to every endpoint)."""
+        return self._err(status, message, path.startswith("/v1/"), path == ANTHROPIC_PATH)
 
     # ---- app --------------------------------------------------------------------------------
 
@@ -531,6 +560,7 @@ class FakeOllama:
         add(self.v1_models, "/v1/models", ["GET"])
         add(self.v1_model, "/v1/models/<model:path>", ["GET"])
         add(self.v1_responses, "/v1/responses", ["POST"])
+        add(self.v1_messages, ANTHROPIC_PATH, ["POST"])
         add(self.fake_stats, "/_fake/stats", ["GET"], control=True)
         add(self.fake_get_config, "/_fake/config", ["GET"], control=True)
         add(self.fake_set_config, "/_fake/config", ["POST"], control=True)
@@ -550,7 +580,7 @@ class FakeOllama:
             if isinstance(exc, SanicException):  # Sanic's own 4xx/5xx (bad request, timeouts, ...)
                 return app.error_handler.default(request, exc)
             traceback.print_exception(exc, file=sys.stderr)
-            return self._err(500, f"fake ollama bug: {exc!r}", request.path.startswith("/v1/"))
+            return self._fault_err(request.path, 500, f"fake ollama bug: {exc!r}")
 
         app.error_handler.add(NotFound, not_found)
         app.error_handler.add(MethodNotAllowed, not_allowed)
@@ -605,14 +635,12 @@ class FakeOllama:
                     if cfg.get("hang"):
                         await asyncio.Event().wait()
                     if cfg.get("force_status"):
-                        return self._err(
-                            int(cfg["force_status"]), str(cfg["force_error"]), path.startswith("/v1/")
-                        )
+                        return self._fault_err(path, int(cfg["force_status"]), str(cfg["force_error"]))
                     pending = cfg.get("max_pending")
                     if inference and (
                         cfg.get("busy") or (pending is not None and self.inference_in_flight >= int(pending))
                     ):
-                        return self._err(503, BUSY_MESSAGE, path.startswith("/v1/"))
+                        return self._fault_err(path, 503, BUSY_MESSAGE)
                 if inference:
                     self.inference_in_flight += 1
                     counted = True
@@ -766,17 +794,18 @@ class FakeOllama:
     # ---- generation ---------------------------------------------------------------------------
 
     def _check_model(
-        self, body: dict[str, Any], capability: str, openai: bool = False
+        self, body: dict[str, Any], capability: str, openai: bool = False, anthropic: bool = False
     ) -> tuple[str, dict[str, Any] | None, Any]:
         model = str(body.get("model") or "")
         if not model:
-            return "", None, self._err(400, "model is required", openai)
+            return "", None, self._err(400, "model is required", openai, anthropic)
         found = self._lookup(model)
         if not found:
-            return "", None, self._err(404, f'model "{model}" not found, try pulling it first', openai)
+            message = f'model "{model}" not found, try pulling it first'
+            return "", None, self._err(404, message, openai, anthropic)
         name, spec = found
         if capability not in ("embedding",) and spec["embedding"]:
-            return "", None, self._err(400, f'"{model}" does not support {capability}', openai)
+            return "", None, self._err(400, f'"{model}" does not support {capability}', openai, anthropic)
         return name, spec, None
 
     async def generate(self, request: Any) -> Any:
@@ -1401,6 +1430,109 @@ class FakeOllama:
             "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
         }
+
+    # ---- Anthropic compatibility --------------------------------------------------------------
+
+    def _anthropic_request(self, body: dict[str, Any]) -> Any:
+        """The checks of Ollama's AnthropicMessagesMiddleware before the request reaches the chat handler:
+        Go's JSON binding first (a null max_tokens is Go's 0), then the required fields."""
+        limit = body.get("max_tokens")
+        limit = 0 if limit is None else limit
+        messages = body.get("messages") or []
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            return self._err(
+                400,
+                "json: cannot unmarshal into Go struct field MessagesRequest.max_tokens of type int",
+                anthropic=True,
+            )
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), (str, list)) for m in messages
+        ):
+            return self._err(
+                400, "json: cannot unmarshal into Go struct field MessagesRequest.messages", anthropic=True
+            )
+        for failed, message in (
+            (not body.get("model"), "model is required"),
+            (limit <= 0, "max_tokens is required and must be positive"),
+            (not messages, "messages is required"),
+        ):
+            if failed:
+                return self._err(400, message, anthropic=True)
+        return None
+
+    async def v1_messages(self, request: Any) -> Any:
+        body, err = self._json(request, anthropic=True)
+        if err:
+            return err
+        err = self._anthropic_request(body)
+        if err:
+            return err
+        name, _, err = self._check_model(body, "chat", anthropic=True)
+        if err:
+            return err
+        model = body["model"]
+        keep = float(self.config["keep_alive"])
+        run = self._plan(dict(self.config), body["max_tokens"], [body.get("system"), body["messages"]])
+        mid = f"msg_{os.urandom(12).hex()}"
+
+        def message(text: str | None) -> dict[str, Any]:
+            """The whole answer; text None: message_start's (no content, no stop reason yet)."""
+            done = text is not None
+            return {
+                "id": mid,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": text}] if text else [],
+                "stop_reason": ANTHROPIC_STOP.get(run.done_reason, "stop_sequence") if done else None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": run.prompt_tokens, "output_tokens": run.emitted},
+            }
+
+        await self._warmup(run, name, keep)
+        try:
+            if body.get("stream") is not True:
+                parts: list[str] = []
+                async for kind, value in run.events():
+                    if kind == "error":
+                        return self._err(500, value, anthropic=True)
+                    parts.append(value)
+                return self._resp(message("".join(parts)))
+            return await self._anthropic_stream(request, run, message)
+        finally:
+            self._keep(name, keep)
+
+    async def _anthropic_stream(
+        self, request: Any, run: _Run, message: Callable[[str | None], dict[str, Any]]
+    ) -> None:
+        """Ollama's anthropic.StreamConverter: the text block opens with the first token; a failure ends the
+        stream with Anthropic's `event: error`."""
+        resp = await self._sse_stream(request)
+
+        async def event(kind: str, **data: Any) -> None:
+            await resp.send(f"event: {kind}\ndata: {dumps({'type': kind, **data})}\n\n")
+
+        await event("message_start", message=message(None))
+        started = False
+        async for kind, value in run.events():
+            if kind == "error":
+                await event("error", error={"type": "api_error", "message": value})
+                await resp.eof()
+                return
+            if not started:
+                started = True
+                await event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+            await event("content_block_delta", index=0, delta={"type": "text_delta", "text": value})
+        if started:
+            await event("content_block_stop", index=0)
+        final = message("")
+        await event(
+            "message_delta",
+            delta={"stop_reason": final["stop_reason"], "stop_sequence": None},
+            usage=final["usage"],
+        )
+        await event("message_stop")
+        await resp.eof()
 
     # ---- control ----------------------------------------------------------------------------
 

@@ -374,3 +374,21 @@ def test_timestamps_keep_their_fractions_after_the_upgrade(url: str) -> None:
         database.execute_sql(f"UPDATE event SET ts = {database.param}", (precise,))
         got = {r[0] for r in database.execute_sql("SELECT ts FROM event").fetchall()}
     assert got == {precise}
+
+
+def test_keys_of_a_release_database_gain_limits(url: str) -> None:
+    """Step 3: apikey gets nullable limit columns; the release's keys keep working, unlimited, and take limits."""
+    from ollama_fleet.controller.admission.limits import NONE, KeyLimits
+
+    make_release_database(url)
+    database = init_db(url)
+    cols = columns_of(url, "apikey")
+    assert all(cols[c] is True for c in ("max_concurrent", "rpm", "tpm", "max_priority")), cols
+    with database.connection_context():
+        ring = keys.KeyRing()
+        ring.load(*keys.state())
+        assert ring.check(KEY) == "ci" and ring.limits("ci") == NONE
+        assert [r["name"] for r in keys.set_limits("ci", {"rpm": 30, "max_priority": "low"})] == ["ci"]
+        ring.load(*keys.state())
+        assert ring.limits("ci") == KeyLimits(rpm=30, max_priority="low")
+        assert [(r["name"], r["rpm"]) for r in keys.list_keys()] == [("ci", 30), ("old", None)]

@@ -42,6 +42,11 @@ AGENT_IDS: S = {"type": "array", "items": {"type": "string", "maxLength": 63}, "
 MESSAGES: S = {"type": "array", "maxItems": 1000, "items": _obj(
     {"role": {"type": "string", "enum": ["system", "user", "assistant", "tool"]}, "content": {"type": "string"}},
     ("role", "content")), "example": [{"role": "user", "content": "hi"}]}
+# Anthropic's Messages API: content (and `system`) is a string or a list of content blocks
+CONTENT: S = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]}
+ANTHROPIC_MESSAGES: S = {"type": "array", "maxItems": 1000, "items": _obj(
+    {"role": {"type": "string", "enum": ["user", "assistant"]}, "content": CONTENT}, ("role", "content")),
+    "example": [{"role": "user", "content": "hi"}]}
 OPTIONS: S = {"type": "object", "description": "model options (temperature, num_ctx, ...)"}
 INPUT: S = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}], "example": "hi"}
 NO_BODY: S = {"type": "object", "maxProperties": 0, "description": "no body needed; one is ignored"}
@@ -91,6 +96,10 @@ BODIES: dict[str, tuple[S, bool]] = {
                                         ("model", "input")), True),
     "proxy.proxy__v1_responses": (_obj({"model": MODEL, "input": INPUT,
                                         "stream": BOOL}, ("model", "input")), True),
+    # Anthropic's Messages API, routed like the others
+    "proxy.proxy__v1_messages": (_obj({"model": MODEL, "max_tokens": {"type": "integer", "minimum": 1},
+                                       "messages": ANTHROPIC_MESSAGES, "system": CONTENT, "stream": BOOL},
+                                      ("model", "max_tokens", "messages")), True),
 }
 # Bodies that are not JSON: (media type, schema, required?)
 OTHER_BODIES: dict[str, tuple[str, S, bool]] = {

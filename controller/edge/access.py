@@ -27,7 +27,7 @@ from sanic.response import HTTPResponse, html, redirect
 
 from ollama_fleet.controller.dashboard import login as auth_web
 from ollama_fleet.controller.edge.context import edge_of, settings_of
-from ollama_fleet.controller.edge.http import bearer, error, error_response
+from ollama_fleet.controller.edge.http import Api, bearer, error, error_response
 from ollama_fleet.controller.edge.origin import allowed_host
 from ollama_fleet.controller.edge.peer import client_ip, is_local
 from ollama_fleet.settings import Config
@@ -49,8 +49,8 @@ class Denial(NamedTuple):
     message: str
     retry_after: int = 0
 
-    def json(self, openai: bool = False) -> HTTPResponse:
-        resp = error_response(openai, self.status, self.message, "rate_limited" if self.status == 429 else None)
+    def json(self, api: Api | bool = False) -> HTTPResponse:
+        resp = error_response(api, self.status, self.message, "rate_limited" if self.status == 429 else None)
         if self.retry_after:
             resp.headers["retry-after"] = str(self.retry_after)
         return resp

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -28,9 +29,12 @@ from ollama_fleet.contract.model_names import normalize as normalize_model
 from ollama_fleet.contract.sanitize import clean_text
 from ollama_fleet.settings import Config
 
+from ollama_fleet.controller.admission import priority
+from ollama_fleet.controller.admission.gate import Admission, Pass, QueueRefused
+from ollama_fleet.controller.admission.limits import Refusal
 from ollama_fleet.controller.edge import access
 from ollama_fleet.controller.edge.body import Payload, TooLarge, read_body
-from ollama_fleet.controller.edge.http import bearer, error_response, parse_json
+from ollama_fleet.controller.edge.http import Api, api_key, api_of, error_response, parse_json
 from ollama_fleet.controller.edge.peer import client_ip
 from ollama_fleet.controller.edge.timeouts import body_timed_out
 from ollama_fleet.controller.metrics.requests import Observation, RequestStats
@@ -50,6 +54,7 @@ REQUEST_DROP = frozenset({
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
     "proxy-authorization", "proxy-authenticate", "host", "content-length", "authorization", "accept-encoding",
     "expect", "x-fleet-agent", "x-fleet-debug", "cookie", "x-csrf-token",  # dashboard credentials stay here
+    "x-api-key",  # Anthropic's clients send the API key here
 })
 # Response headers never passed back: hop-by-hop, and the length Sanic recomputes (or re-chunks).
 RESPONSE_DROP = frozenset({
@@ -77,21 +82,35 @@ STATS_BYTES = 512
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One routed endpoint: its path, its API's error dialect and its `stream` default."""
+    """One routed endpoint: its path, the API it belongs to (its error shape) and its `stream` default."""
 
     path: str
-    openai: bool
+    api: Api
     stream_default: bool
     name_alias: bool = False  # /api/show accepts the deprecated `name` for `model`
     generates: bool = False  # answers with generated tokens: only these have a time to first token
 
+    @property
+    def native(self) -> bool:
+        """Ollama's own API (Go-lenient: a `stream` that is not false streams); OpenAI's and Anthropic's
+        stream only on `"stream": true`."""
+        return self.api == "ollama"
+
+    @property
+    def openai(self) -> bool:  # for callers from before the `api` field
+        return self.api == "openai"
+
     def error(self, status: int, message: str, code: str | None = None) -> HTTPResponse:
-        return error_response(self.openai, status, message, code)
+        """An error in the endpoint's own API's shape."""
+        return error_response(self.api, status, message, code)
 
 
 def inband_error(content_type: str, path: str, message: str, events_sent: int) -> bytes:
     """The last line of a stream that failed after its first byte, as Ollama itself would write it."""
     if content_type.startswith("text/event-stream"):
+        if api_of(path) == "anthropic":  # Anthropic's stream error event
+            err = {"type": "error", "error": {"type": "api_error", "message": message}}
+            return b"event: error\ndata: " + _dumps(err) + b"\n\n"
         if path == "/v1/responses":
             ev = {"type": "error", "sequence_number": events_sent, "code": None, "message": message, "param": None}
             return b"event: error\ndata: " + _dumps(ev) + b"\n\n"
@@ -136,6 +155,11 @@ class Tap:
         if prompt is not None:
             prompt += _stat(data, b'"load_duration"', start) or 0
         return _stat(data, b'"eval_duration"', start), prompt
+
+    @staticmethod
+    def load(data: bytes | bytearray) -> int | None:
+        """Ollama's load_duration (ns) from its final stats; None where absent."""
+        return _stat(data, b'"load_duration"', max(0, len(data) - STATS_BYTES))
 
     def error(self) -> str | None:
         """The message of a final in-band error line (`{"error": ...}`, `data: {"error"...}`, `event: error`)."""
@@ -195,6 +219,8 @@ class Exchange:
     reason: str | None = None
     eval_ns: int | None = None
     first_token_ns: int | None = None
+    load_ns: int | None = None  # Ollama's load_duration: learned per model and agent (warm or cold)
+    admitted: Pass | None = None  # a generation's place in admission control
     logged: bool = False
 
     def since_ms(self) -> float:
@@ -255,6 +281,7 @@ class Proxy:
         self.registry = registry
         self.stats = stats if cfg.metrics else None  # None: no metric work on the request path
         self.router = Router(cfg.routing_strategy, cfg.proxy_cooldown)
+        self.admission = Admission(cfg, registry, self.router.has_model, self.router.warm)
         self.max_attempts = max(1, cfg.proxy_max_attempts)
         self.debug = cfg.log_level == "DEBUG"
         self.requests = RequestLog(access_log=cfg.access_log)
@@ -353,22 +380,24 @@ class Proxy:
             await asyncio.sleep(interval)
 
     # ---- auth --------------------------------------------------------------------------------
-    def authorize(self, request: Request, openai: bool) -> tuple[str | None, HTTPResponse | None]:
+    def authorize(self, request: Request, api: Api | bool) -> tuple[str | None, HTTPResponse | None]:
         """(key name, None) when allowed; (None, 401/429 in the API's shape) otherwise. Open only while no
-        key was ever created (keys fail closed); wrong keys are throttled like every credential."""
+        key was ever created (keys fail closed); wrong keys are throttled like every credential. The key
+        comes as a Bearer credential or (Anthropic's clients) in `x-api-key`. `api` True/False: OpenAI's
+        or Ollama's API."""
         if not self.keys.enabled:
             return None, None
-        given = bearer(request)
+        given = api_key(request)
         if given:
             if denied := access.throttled(request):
-                return None, denied.json(openai)
+                return None, denied.json(api)
             name = self.keys.check(given)
             if name is not None:
                 access.succeeded(request)
                 return name, None
             access.failed(request, "API key")
-        return None, error_response(openai, 401, "unauthorized: a valid API key is required "
-                                    "(Authorization: Bearer <key>)", "invalid_api_key" if openai else None)
+        return None, error_response(api, 401, "unauthorized: a valid API key is required "
+                                    "(Authorization: Bearer <key>, or x-api-key: <key>)", "invalid_api_key")
 
     # ---- the routed request ------------------------------------------------------------------
     async def forward(self, request: Request, ep: Endpoint) -> HTTPResponse | None:
@@ -388,6 +417,8 @@ class Proxy:
             if resp is not None and not x.status:
                 x.status = resp.status
             self._finish(x)
+            if x.admitted is not None:
+                self.admission.close(x.admitted, (x.prompt_tokens or 0) + (x.completion_tokens or 0))
             if x.payload is not None:
                 x.payload.close()
 
@@ -409,7 +440,7 @@ class Proxy:
 
     async def _forward(self, x: Exchange) -> HTTPResponse | None:
         request, ep = x.request, x.ep
-        x.key, denied = self.authorize(request, ep.openai)
+        x.key, denied = self.authorize(request, ep.api)
         if denied is not None:
             x.error, x.reason = "unauthorized", "rejected"
             return denied
@@ -423,7 +454,7 @@ class Proxy:
             return self._reject(x, 413, str(e))
         raw = payload.data
         if not payload.size:
-            return self._reject(x, 400, "missing request body" if not ep.openai else "EOF")
+            return self._reject(x, 400, "missing request body" if ep.native else "EOF")
         try:
             if raw is None:  # a large body, spooled: only the fields the proxy reads, found by a scanner
                 body = payload.fields()
@@ -437,28 +468,64 @@ class Proxy:
         if not isinstance(model, str) or not model.strip():
             return self._reject(x, 400, "model is required")
         stream = body.get("stream", ep.stream_default)
-        x.stream = stream is not False if not ep.openai else stream is True
+        x.stream = stream is not False if ep.native else stream is True
         model = clean_text(model, None)  # a lone surrogate or NUL never reaches the log, a page or a reply
         x.model = clean_text(normalize_model(model), MAX_TEXT)  # a VARCHAR(255) on PostgreSQL
 
-        decision = self.router.choose(self.registry.agents.values(), model, request.headers.get("x-fleet-agent"))
+        tier = priority.parse(request.headers.get(priority.HEADER))
+        if tier is None:
+            return self._reject(x, 400, f"{priority.HEADER} must be one of {', '.join(priority.TIERS)}")
+        pin = request.headers.get("x-fleet-agent")
+        decision = self.router.choose(self.registry.agents.values(), model, pin)
         if isinstance(decision, NoRoute):
             return self._reject(x, 404 if decision.kind == "not_found" else 503, decision.message, "no_route")
         x.decision = decision
         x.trace.routed(x.model, decision)
+        if ep.generates:  # generations hold one of an agent's slots: admission control
+            limits = self.keys.limits(x.key) if x.key is not None else None
+            if limits is not None:
+                tier = priority.capped(tier, limits.max_priority)
+            opened = self.admission.open(decision.model, tier, x.key or f"client {x.client}", x.key, limits, pin)
+            if isinstance(opened, Refusal):
+                return self._refuse(x, 429, opened.message, opened.retry_after, "rate_limited")
+            x.admitted = opened
         x.body = payload.upload()
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_DROP]
         headers.append(("accept-encoding", "identity"))  # keep bytes readable for the token tap
         x.headers = headers
+        return await self._attempts(x, decision)
+
+    async def _attempts(self, x: Exchange, decision: Decision) -> HTTPResponse | None:
+        """Up to max_attempts agents, in the router's order (or, for a generation, whichever has a free slot
+        first), failing over before the first byte."""
         last_error: tuple[AgentRecord, Answer] | None = None
-        order = decision.order[:self.max_attempts]
-        for i, agent in enumerate(order):
+        remaining = list(decision.order)
+        n = min(self.max_attempts, len(remaining))
+        p = x.admitted
+        for i in range(n):
+            if p is None:
+                agent: AgentRecord | None = remaining[0]
+            else:
+                try:
+                    node = await self.admission.place(p, remaining)
+                except QueueRefused as q:
+                    return self._refuse(x, 503, q.message, q.retry_after, "overloaded")
+                agent = next((a for a in remaining if a.node_id == node), None) or self.registry.agents.get(node)
             x.attempts = i + 1
+            if agent is None:  # granted a slot on an agent deleted while the request waited
+                assert p is not None
+                self.admission.done(p, node, ok=False)
+                continue
+            remaining = [a for a in remaining if a is not agent]
             x.agent = agent.node_id
             x.trace.attempt(agent)
+            ok = busy = False
             try:
-                return await self._attempt(x, agent, last=i == len(order) - 1)
+                out = await self._attempt(x, agent, last=i == n - 1)
+                ok = x.error is None
+                return out
             except _Failed as f:
+                busy = f.answer is not None and f.answer.status == 503
                 x.trace.failover(f.why, f.answer.status if f.answer is not None else None)
                 x.failures.append(f"{agent.node_id}: {f.why}")
                 x.failover = "; ".join(x.failures)[:ERROR_TEXT_MAX]
@@ -467,7 +534,10 @@ class Proxy:
                 if f.answer is not None:
                     last_error = (agent, f.answer)
                 log.info("request %s: %s failed before the first byte (%s)%s", x.rid, agent.node_id, f.why,
-                         "; trying the next agent" if i + 1 < len(order) else "")
+                         "; trying the next agent" if i + 1 < n else "")
+            finally:
+                if p is not None:
+                    self.admission.done(p, agent.node_id, ok, x.load_ns / 1e9 if x.load_ns else None, busy)
         x.error = x.failover
         x.reason = "upstream_status" if last_error is not None else "upstream"
         if last_error is not None:  # the upstream's own answer, as is
@@ -477,11 +547,18 @@ class Proxy:
                                content_type=answer.ctype)
         else:
             x.agent = None
-            n = len(order)
-            out = ep.error(502, f"all {n} agent{'s' if n > 1 else ''} failed: {x.error}")
+            out = x.ep.error(502, f"all {n} agent{'s' if n > 1 else ''} failed: {x.error}")
         self._decorate(out.headers, x)
         x.ttfb_ms = x.since_ms()
         return out
+
+    def _refuse(self, x: Exchange, status: int, message: str, retry_after: float, reason: str) -> HTTPResponse:
+        """A 429 (the key's limits) or 503 (the queue) with Retry-After, in the endpoint's error shape."""
+        resp = self._reject(x, status, message, reason)
+        resp.headers["retry-after"] = str(max(1, math.ceil(retry_after)))
+        if x.admitted is not None and x.admitted.queued:
+            resp.headers["x-fleet-queue-wait"] = str(round(x.admitted.waited * 1000))
+        return resp
 
     def _reject(self, x: Exchange, status: int, message: str, reason: str = "rejected") -> HTTPResponse:
         x.error, x.reason = message[:ERROR_TEXT_MAX], reason
@@ -493,8 +570,13 @@ class Proxy:
         if x.agent:
             headers["x-fleet-agent"] = x.agent
         headers["x-fleet-request-id"] = x.rid
+        p = x.admitted
+        if p is not None and p.queued:
+            headers["x-fleet-queue-wait"] = str(round(p.waited * 1000))
         if x.decision is not None and (self.debug or x.request.headers.get("x-fleet-debug") == "1"):
             reason = x.decision.reason()
+            if p is not None and p.note:
+                reason += "; " + p.note
             if x.failures:
                 reason += "; failed over: " + "; ".join(x.failures)
             headers["x-fleet-route-reason"] = reason
@@ -537,6 +619,7 @@ class Proxy:
             x.ttfb_ms = x.since_ms()
             if status < 400:
                 x.prompt_tokens, x.completion_tokens = Tap.tokens_of(data)
+                x.load_ns = Tap.load(data)
                 if self.stats is not None:
                     x.eval_ns, x.first_token_ns = Tap.durations(data)
             else:
@@ -596,6 +679,7 @@ class Proxy:
         if error is not None and x.reason is None:
             x.reason = "in_band"
         x.prompt_tokens, x.completion_tokens = tap.tokens()
+        x.load_ns = Tap.load(tap.tail)
         if self.stats is not None:
             x.eval_ns = Tap.durations(tap.tail)[0]
         x.status = status

@@ -22,15 +22,16 @@ bp = Blueprint("proxy")
 # GET+HEAD routes are registered with add_route: bp.route() is an untyped decorator (mypy --strict)
 
 ROUTED = (
-    Endpoint("/api/chat", openai=False, stream_default=True, generates=True),
-    Endpoint("/api/generate", openai=False, stream_default=True, generates=True),
-    Endpoint("/api/embed", openai=False, stream_default=False),
-    Endpoint("/api/embeddings", openai=False, stream_default=False),
-    Endpoint("/api/show", openai=False, stream_default=False, name_alias=True),
-    Endpoint("/v1/chat/completions", openai=True, stream_default=False, generates=True),
-    Endpoint("/v1/completions", openai=True, stream_default=False, generates=True),
-    Endpoint("/v1/embeddings", openai=True, stream_default=False),
-    Endpoint("/v1/responses", openai=True, stream_default=False, generates=True),
+    Endpoint("/api/chat", api="ollama", stream_default=True, generates=True),
+    Endpoint("/api/generate", api="ollama", stream_default=True, generates=True),
+    Endpoint("/api/embed", api="ollama", stream_default=False),
+    Endpoint("/api/embeddings", api="ollama", stream_default=False),
+    Endpoint("/api/show", api="ollama", stream_default=False, name_alias=True),
+    Endpoint("/v1/chat/completions", api="openai", stream_default=False, generates=True),
+    Endpoint("/v1/completions", api="openai", stream_default=False, generates=True),
+    Endpoint("/v1/embeddings", api="openai", stream_default=False),
+    Endpoint("/v1/responses", api="openai", stream_default=False, generates=True),
+    Endpoint("/v1/messages", api="anthropic", stream_default=False, generates=True),
 )
 NO_VERSION = "0.0.0"
 

@@ -29,7 +29,7 @@ SCOPE = "ollama_fleet.controller.proxy"
 
 # gen_ai.operation.name per routed endpoint; /api/show is no GenAI operation (no attribute).
 OPERATIONS = {
-    "/api/chat": "chat", "/v1/chat/completions": "chat", "/v1/responses": "chat",
+    "/api/chat": "chat", "/v1/chat/completions": "chat", "/v1/responses": "chat", "/v1/messages": "chat",
     "/api/generate": "text_completion", "/v1/completions": "text_completion",
     "/api/embed": "embeddings", "/api/embeddings": "embeddings", "/v1/embeddings": "embeddings",
 }

@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ _META = ("v", "session", "ts")
 INT64 = 2**63 - 1  # BIGINT columns: a larger Python int fails the whole INSERT
 HB_INTERVAL_MAX = 3600.0  # seconds; a birth claiming more keeps the node's last known interval
 MAX_LIST = 1024  # GPUs / models per node kept from one snapshot
+MAX_CAPACITY = 1024  # generations at once an agent may claim (info.ollama.num_parallel); more is not believed
 
 
 def _text(value: Any) -> str | None:
@@ -38,6 +40,13 @@ def _text(value: Any) -> str | None:
 def _int64(value: Any) -> int | None:
     """A non-negative integer that fits a BIGINT column, or None."""
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= INT64 else None
+
+
+def _capacity(ollama: Any) -> int:
+    """Generations the agent's Ollama runs at once, from its info's `ollama.num_parallel`; 1 for anything
+    but an integer from 1 to MAX_CAPACITY (missing, bool, float, string, hostile)."""
+    n = ollama.get("num_parallel") if isinstance(ollama, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CAPACITY else 1
 
 
 @dataclass(eq=False)  # identity: records are compared on the proxy's hot path (router membership tests)
@@ -57,6 +66,7 @@ class AgentRecord:
     hostname: str = ""
     agent_version: str | None = None
     hb_interval: float = 5.0
+    capacity: int = 1  # generations its Ollama runs at once (reported num_parallel); derived from info
     info: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     loaded: list[dict[str, Any]] = field(default_factory=list)
@@ -116,6 +126,7 @@ class AgentRecord:
             "disk_free": self.metrics.get("disk_free", self.info.get("disk_free")),
             "agent_version": self.agent_version,
             "ollama": {"url": self.ollama_url, "version": self.ollama_version, "up": self.ollama_up},
+            "capacity": self.capacity,
             "heartbeat_interval": self.hb_interval,
             "metrics": {k: self.metrics.get(k) for k in ("cpu", "mem", "mem_used", "load1", "uptime", "seq")},
             "gpus": self.gpu_view(),
@@ -176,6 +187,9 @@ class Registry:
         self._deleted: list[str] = []
         self._events: list[dict[str, Any]] = []
         self._samples: list[dict[str, Any]] = []
+        # called with an agent id after every change to it (state, models, capacity, heartbeat): admission
+        # control dispatches queued requests to an agent that joins or grows without polling
+        self.listeners: list[Callable[[str], None]] = []
 
     # ---- persistence -----------------------------------------------------------------------
     def load(self, agents: list[dict[str, Any]], gpus: list[dict[str, Any]], models: list[dict[str, Any]]) -> None:
@@ -183,6 +197,7 @@ class Registry:
         start = time.time()
         for row in agents:
             rec = AgentRecord(**{k: row[k] for k in AGENT_COLUMNS})
+            rec.capacity = _capacity(rec.info.get("ollama"))  # not a column: info holds what was reported
             if rec.state == AgentStatus.ONLINE:
                 rec.last_seen = max(rec.last_seen, start)
             self.agents[rec.node_id] = rec
@@ -235,6 +250,8 @@ class Registry:
 
     def _changed(self, a: AgentRecord, beat_only: bool = False) -> None:
         (self._beats if beat_only else self._dirty).add(a.node_id)
+        for fn in self.listeners:
+            fn(a.node_id)
         if self.hub.subscriber_count:
             self.hub.publish("agent", {"id": a.node_id})
 
@@ -350,6 +367,7 @@ class Registry:
         a.ollama_url = _text(effective_url(str(ollama.get("url") or ""), a.info.get("ips") or [],
                                            ollama.get("advertise_url"))) or ""
         a.ollama_version = _text(ollama.get("version")) or a.ollama_version
+        a.capacity = _capacity(ollama)
         if isinstance(ollama.get("up"), bool):
             self._set_ollama(a, ollama["up"])
         self._changed(a)
@@ -457,3 +475,5 @@ class Registry:
         self._deleted.append(node)
         self.event("deleted", node, f"{a.name} deleted by operator", "warning")
         self.hub.publish("agent", {"id": node, "deleted": True})
+        for fn in self.listeners:
+            fn(node)
