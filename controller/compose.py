@@ -74,7 +74,10 @@ class Fleet:
         self.proxy = Proxy(cfg, self.registry, tracer=self.tracer, stats=self.stats)
         self.jobs = JobLedger(cfg, self.registry, self.ingest, self.hub)
         self.distributor = Distributor(cfg, self.registry, self.jobs, self.catalogue, self.tiers)
-        self.metrics = FleetMetrics(self.registry, self.ingest, self.jobs, self.stats)  # GET /metrics
+        self.metrics = FleetMetrics(self.registry, self.ingest, self.jobs, self.stats,
+                                    self.proxy.admission)  # GET /metrics
+        if cfg.metrics:  # queue outcomes and waits: request-path work, like the proxy's observations
+            self.proxy.admission.observers.append(self.stats.observe_queue)
         self.sessions = Sessions()  # dashboard logins
         self.throttle = Throttle()  # failed logins and tokens, per client
         self.broker: TrialBroker | None = None  # the trial broker, when we started one

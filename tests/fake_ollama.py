@@ -377,6 +377,7 @@ class FakeOllama:
         self.in_flight = 0
         self.max_in_flight = 0
         self.inference_in_flight = 0
+        self.max_inference_in_flight = 0  # the most inference requests served at once (capacity checks)
         self.last_body: dict[str, Any] = {}
         self.body_digests: list[dict[str, Any]] = []  # every request body's size and SHA-256 (the last 100)
         self.last_headers: dict[str, dict[str, str]] = {}
@@ -419,6 +420,8 @@ class FakeOllama:
             "in_flight": self.in_flight,
             "in_flight_paths": {k: v for k, v in self.in_flight_paths.items() if v},
             "max_in_flight": self.max_in_flight,
+            "inference_in_flight": self.inference_in_flight,
+            "max_inference_in_flight": self.max_inference_in_flight,
             "cancelled": sum(self.cancelled_paths.values()),
             "cancelled_paths": dict(self.cancelled_paths),
             "last_body": self.last_body,
@@ -643,6 +646,7 @@ class FakeOllama:
                         return self._fault_err(path, 503, BUSY_MESSAGE)
                 if inference:
                     self.inference_in_flight += 1
+                    self.max_inference_in_flight = max(self.max_inference_in_flight, self.inference_in_flight)
                     counted = True
                 result = await handler(request, **kw)
                 self.finished[path] += 1

@@ -115,7 +115,10 @@ def test_grafana_dashboard_uses_only_metrics_that_exist() -> None:
     wanted = {"fleet_requests_total", "fleet_request_errors_total", "fleet_request_ttft_seconds_bucket",
               "fleet_tokens_total", "fleet_request_overhead_seconds_bucket", "fleet_inflight_requests",
               "fleet_agent_gpu_utilization_ratio", "fleet_agent_gpu_memory_used_bytes",
-              "fleet_agent_gpu_temperature_celsius", "fleet_agent_gpu_power_watts", "fleet_agents", "fleet_jobs"}
+              "fleet_agent_gpu_temperature_celsius", "fleet_agent_gpu_power_watts", "fleet_agents", "fleet_jobs",
+              # admission control's Queue row
+              "fleet_queue_depth", "fleet_queue_wait_seconds_bucket", "fleet_queue_outcomes_total",
+              "fleet_agent_slots_busy", "fleet_agent_capacity"}
     assert wanted <= used, wanted - used
 
 

@@ -15,10 +15,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import ollama
 import openai
 import pytest
+from anthropic.types import Message, MessageParam, TextBlock
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.fake_ollama import (
@@ -65,6 +67,14 @@ def oc(fake: FakeOllamaProcess) -> Iterator[ollama.Client]:
 @pytest.fixture
 def ai(fake: FakeOllamaProcess) -> Iterator[openai.OpenAI]:
     client = openai.OpenAI(base_url=fake.url + "/v1", api_key="x", max_retries=0)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def ant(fake: FakeOllamaProcess) -> Iterator[anthropic.Anthropic]:
+    """Ollama's documented setup: base_url without /v1, any API key."""
+    client = anthropic.Anthropic(base_url=fake.url, api_key="ollama", max_retries=0)
     yield client
     client.close()
 
@@ -739,6 +749,126 @@ def test_openai_responses(ai: openai.OpenAI, http: httpx.Client) -> None:
     streamed = list(ai.responses.create(model="llama3.2", input="hi", stream=True))
     assert streamed[-1].type == "response.completed"
     assert "".join(e.delta for e in streamed if e.type == "response.output_text.delta").startswith("fake-a")
+
+
+# ---- Anthropic compatibility ---------------------------------------------------------------------
+
+ASK: list[MessageParam] = [{"role": "user", "content": "why is the sky blue?"}]
+MESSAGES = {"model": "llama3.2", "max_tokens": 50, "messages": ASK}
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event, data) per SSE event; each data's `type` names its event, as in Anthropic's streams."""
+    assert text.endswith("\n\n")
+    out = []
+    for block in text[:-2].split("\n\n"):
+        m = re.fullmatch(r"event: (\S+)\ndata: (.*)", block)
+        assert m, block
+        data = json.loads(m.group(2))
+        assert data["type"] == m.group(1)
+        out.append((m.group(1), data))
+    return out
+
+
+def texts(m: Message) -> list[str]:
+    return [b.text for b in m.content if isinstance(b, TextBlock)]
+
+
+def test_anthropic_messages(ant: anthropic.Anthropic, http: httpx.Client) -> None:
+    # system and content as blocks or strings; input tokens count their words
+    m = ant.messages.create(
+        model="llama3.2",
+        max_tokens=100,
+        system=[{"type": "text", "text": "be brief"}],
+        messages=[{"role": "user", "content": [{"type": "text", "text": "why is the sky blue?"}]}],
+    )
+    assert m.id.startswith("msg_") and m.type == "message" and m.role == "assistant" and m.model == "llama3.2"
+    assert len(m.content) == 1 and texts(m) == ["fake-a tok1 tok2 tok3 tok4"]
+    assert m.stop_reason == "end_turn" and m.stop_sequence is None
+    assert (m.usage.input_tokens, m.usage.output_tokens) == (7, 5)
+    m = ant.messages.create(model="llama3.2", max_tokens=2, system="short", messages=ASK)
+    assert m.stop_reason == "max_tokens" and texts(m) == ["fake-a tok1"]
+    assert (m.usage.input_tokens, m.usage.output_tokens) == (6, 2)
+    r = http.post("/v1/messages", json={**MESSAGES, "stream": False})
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.json()["content"] == [{"type": "text", "text": "fake-a tok1 tok2 tok3 tok4"}]
+
+
+def test_anthropic_stream(ant: anthropic.Anthropic, http: httpx.Client) -> None:
+    with ant.messages.stream(model="llama3.2", max_tokens=100, messages=ASK) as stream:
+        assert "".join(stream.text_stream) == "fake-a tok1 tok2 tok3 tok4"
+        final = stream.get_final_message()
+    assert final.stop_reason == "end_turn" and final.usage.output_tokens == 5
+    raw = http.post("/v1/messages", json={**MESSAGES, "max_tokens": 3, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(raw.text)
+    assert [k for k, _ in events] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert events[0][1]["message"]["usage"] == {"input_tokens": 5, "output_tokens": 0}
+    assert events[1][1]["content_block"] == {"type": "text", "text": ""}
+    assert events[2][1]["delta"] == {"type": "text_delta", "text": "fake-a"}
+    assert events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+    assert events[-2][1]["usage"]["output_tokens"] == 3
+
+
+def test_anthropic_errors(fake: FakeOllamaProcess, ant: anthropic.Anthropic, http: httpx.Client) -> None:
+    def error(status: int, body: dict[str, Any] | None) -> Any:
+        r = http.post("/v1/messages", json=body) if body is not None else http.post("/v1/messages")
+        assert r.status_code == status, r.text
+        doc = r.json()
+        assert doc["type"] == "error" and doc["request_id"].startswith("req_")
+        return doc["error"]
+
+    assert error(400, {"model": "llama3.2", "messages": ASK}) == {
+        "type": "invalid_request_error",
+        "message": "max_tokens is required and must be positive",
+    }
+    assert error(400, {**MESSAGES, "messages": []})["message"] == "messages is required"
+    assert error(400, {**MESSAGES, "model": ""})["message"] == "model is required"
+    assert error(400, {**MESSAGES, "max_tokens": "5"})["type"] == "invalid_request_error"
+    assert error(400, None)["message"] == "EOF"
+    assert error(400, {**MESSAGES, "model": "all-minilm"})["message"].endswith("does not support chat")
+    with pytest.raises(anthropic.NotFoundError) as nf:
+        ant.messages.create(model="nope", max_tokens=5, messages=ASK)
+    assert nf.value.body["error"] == {  # type: ignore[index]
+        "type": "not_found_error",
+        "message": 'model "nope" not found, try pulling it first',
+    }
+    fake.set_config(busy=True)  # the faults answer in the path's API shape too
+    assert error(503, MESSAGES) == {"type": "overloaded_error", "message": BUSY_MESSAGE}
+    fake.set_config(busy=False, force_status=500, force_error="boom")
+    assert error(500, {}) == {"type": "api_error", "message": "boom"}
+
+
+def test_anthropic_generation_errors(
+    fake: FakeOllamaProcess, ant: anthropic.Anthropic, http: httpx.Client
+) -> None:
+    fake.set_config(error_after=2)
+    r = http.post("/v1/messages", json=MESSAGES)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "api_error"
+    events = sse_events(http.post("/v1/messages", json={**MESSAGES, "stream": True}).text)
+    assert [k for k, _ in events][-3:] == ["content_block_delta", "content_block_delta", "error"]
+    assert events[-1][1] == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "an error was encountered while running the model"},
+    }
+    got: list[str] = []
+    with (
+        pytest.raises(anthropic.APIStatusError) as e,
+        ant.messages.stream(model="llama3.2", max_tokens=50, messages=ASK) as stream,
+    ):
+        got.extend(stream.text_stream)
+    assert got == ["fake-a", " tok1"]
+    assert e.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    assert fake.stats()["requests"]["/v1/messages"] == 3
 
 
 # ---- stats -------------------------------------------------------------------------------------

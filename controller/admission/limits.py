@@ -26,7 +26,7 @@ CONCURRENCY, RPM, TPM = "concurrency", "rpm", "tpm"
 
 
 class LimitError(ValueError):
-    """A limit given on the command line that is not one; the message is meant for the operator."""
+    """A value that is not a limit (typed on the command line, or given in code); the message is for the operator."""
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,13 @@ from ollama_fleet.contract.model_names import normalize
 from ollama_fleet.contract.status import ALL, AgentStatus
 
 from ollama_fleet.controller import readmodel
+from ollama_fleet.controller.admission.gate import Admission
 from ollama_fleet.controller.db import MetricSample, db
 from ollama_fleet.controller.exports import to_csv
 from ollama_fleet.controller.jobs.catalogue import Catalogue
 from ollama_fleet.controller.jobs.ledger import JobLedger
-from ollama_fleet.controller.metrics import names
+from ollama_fleet.controller.metrics import names, queues
+from ollama_fleet.controller.metrics.queues import Queue
 from ollama_fleet.controller.metrics.requests import Recent, RequestStats
 from ollama_fleet.controller.proxy.requestlog import RequestRecord
 from ollama_fleet.controller.readmodel import AgentFilter, AgentSummary, ModelMatrix
@@ -157,33 +159,45 @@ class Cached(Generic[T]):
         return self.value
 
 
-# ---- traffic: requests/s, TTFT and tokens/s per agent and per model ------------------------------
+# ---- traffic: requests/s, TTFT and tokens/s per agent and per model; the queues -----------------
 @dataclass(frozen=True)
 class Traffic:
     """The last window's figures by agent id and by model label, read from the proxy's RequestStats: the
-    accumulators GET /metrics exports, so the dashboard and a Prometheus query agree."""
+    accumulators GET /metrics exports, so the dashboard and a Prometheus query agree; and each model
+    label's queue now (admission control, as fleet_queue_depth reads it)."""
 
     agents: dict[str, Recent]
     models: dict[str, Recent]
     window_s: float
+    queues: dict[str, Queue]
 
 
-def traffic(stats: RequestStats, window_s: float = TRAFFIC_WINDOW) -> Traffic:
-    return Traffic(stats.recent("agent", window_s), stats.recent("model", window_s), window_s)
+def traffic(stats: RequestStats, admission: Admission, window_s: float = TRAFFIC_WINDOW) -> Traffic:
+    return Traffic(stats.recent("agent", window_s), stats.recent("model", window_s), window_s,
+                   queues.queues(admission, stats.label))
 
 
 def traffic_json(t: Traffic) -> dict[str, Any]:
     """GET /dashboard/data/traffic.json: the figures the pages show, unformatted."""
     return {"window_s": t.window_s, "agents": {k: asdict(r) for k, r in t.agents.items()},
-            "models": {k: asdict(r) for k, r in t.models.items()}}
+            "models": {k: asdict(r) for k, r in t.models.items()},
+            "queues": {k: asdict(q) for k, q in t.queues.items()}}
 
 
-def model_traffic(registry: Registry, t: Traffic) -> list[tuple[str, Recent | None]]:
-    """One row per model installed on some agent or with requests in the window, by the label /metrics
-    gives it (the normalized name; unknown models together as `other`, last); None: no requests."""
-    keys = {normalize(m["name"]) for a in registry.agents.values() for m in a.models} | t.models.keys()
+def model_traffic(registry: Registry, t: Traffic) -> list[tuple[str, Recent | None, Queue | None]]:
+    """One row per model installed on some agent, with requests in the window or waiting, by the label
+    /metrics gives it (the normalized name; unknown models together as `other`, last); None: no requests,
+    nobody waiting."""
+    keys = {normalize(m["name"]) for a in registry.agents.values() for m in a.models} | t.models.keys() \
+        | t.queues.keys()
     ordered = sorted(keys, key=lambda k: (k == names.OTHER_MODEL, k))
-    return [(k, t.models.get(k)) for k in ordered]
+    return [(k, t.models.get(k), t.queues.get(k)) for k in ordered]
+
+
+def fleet_queue(admission: Admission, agents: Iterable[AgentRecord]) -> dict[str, int]:
+    """The overview's: requests waiting for a slot, and the routable agents' slots busy and in force."""
+    s = queues.fleet_slots(admission, agents)
+    return {"queued": admission.sched.waiting, "busy": s.busy, "capacity": s.capacity}
 
 
 # ---- jobs and models -----------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from ollama_fleet.contract.status import AgentStatus
 from ollama_fleet.controller import readmodel
 from ollama_fleet.controller.dashboard import data
 from ollama_fleet.controller.compose import Fleet
-from ollama_fleet.controller.metrics import names
+from ollama_fleet.controller.metrics import names, queues
+from ollama_fleet.controller.metrics.queues import Queue
 from ollama_fleet.controller.metrics.requests import Recent
 from ollama_fleet.controller.registry import store
 from ollama_fleet.controller.registry.live import AgentRecord, Registry
@@ -102,6 +103,24 @@ def traffic_shown(t: Recent | None) -> tuple[str, str, str, str]:
     return fmt_rate(t.rps), fmt_secs(t.ttft_p50), fmt_secs(t.ttft_p95), fmt_rate(t.tokens_per_s)
 
 
+def waiting_shown(q: Queue | None) -> tuple[str, str]:
+    """What the models page shows of a model's queue: how many wait (with the tiers unless all are
+    normal), and the oldest one's wait."""
+    if q is None or not q.depth:
+        return "0", NONE
+    depth = str(q.depth)
+    if q.mixed:
+        depth += " (" + " · ".join(f"{n} {tier}" for tier, n in q.by_tier.items() if n) + ")"
+    return depth, fmt_secs(q.oldest_wait)
+
+
+def waits_shown(t: Recent | None) -> tuple[str, str]:
+    """The last window's queue wait p50 / p95 of the requests that waited."""
+    if t is None or not t.queued:
+        return NONE, NONE
+    return fmt_secs(t.wait_p50), fmt_secs(t.wait_p95)
+
+
 def iso(ts: Any) -> str:
     if not isinstance(ts, (int, float)):
         return ""
@@ -123,7 +142,8 @@ def setup(env: Environment) -> None:
     env.loader = FileSystemLoader(str(TEMPLATES))
     env.trim_blocks = env.lstrip_blocks = True
     env.filters.update(bytes=fmt_bytes, duration=fmt_duration, uptime=fmt_uptime, pct=fmt_pct, num=fmt_num, iso=iso,
-                       utc=utc_text, clamp=clamp_pct, traffic=traffic_shown)
+                       utc=utc_text, clamp=clamp_pct, traffic=traffic_shown, waiting=waiting_shown,
+                       waits=waits_shown)
     env.globals.update(status_labels=data.STATUS_LABELS, states=[s.value for s in AgentStatus],
                        traffic_window=data.TRAFFIC_WINDOW)
 
@@ -161,14 +181,15 @@ class UI:
 
     def traffic(self) -> data.Traffic:
         """The last minute's figures, computed at most once a tick however many pages are open."""
-        return self.recent.get_now(lambda: data.traffic(self.fleet.stats))
+        return self.recent.get_now(lambda: data.traffic(self.fleet.stats, self.fleet.proxy.admission))
 
     async def pulse(self, oob: bool = False) -> str:
         return await self.render("_pulse.html", c=data.fleet_counts(self.agents.values()), oob=oob)
 
     async def cards(self, oob: bool = False) -> str:
         return await self.render("_cards.html", c=data.fleet_counts(self.agents.values()),
-                                 r=await self.request_stats(), oob=oob)
+                                 r=await self.request_stats(),
+                                 q=data.fleet_queue(self.fleet.proxy.admission, self.agents.values()), oob=oob)
 
     async def agent_counts(self, q: data.AgentQuery, oob: bool = False) -> str:
         return await self.render("_agent_counts.html", c=data.fleet_counts(self.agents.values()), query=q, oob=oob)
@@ -215,7 +236,9 @@ class UI:
 
     async def agent_traffic(self, node: str, oob: bool = False) -> str:
         t = self.traffic()
-        return await self.render("_agent_traffic.html", t=t.agents.get(node), oob=oob)
+        a = self.agents.get(node)
+        slots = queues.slots(self.fleet.proxy.admission, a) if a is not None else None
+        return await self.render("_agent_traffic.html", t=t.agents.get(node), slots=slots, oob=oob)
 
     async def agent_models(self, node: str, oob: bool = False) -> str:
         a = self.agents.get(node)

@@ -3,6 +3,7 @@
 One collector on the controller's own CollectorRegistry (not prometheus_client's global one, which would
 mix in the process and platform collectors and every test's controller) yields:
 - the proxy's request figures (RequestStats.families(), controller/metrics/requests.py);
+- admission control's queues by model and each agent's generation slots (controller/metrics/queues.py);
 - the fleet from the live registry: agents by status (the read model's counts), requests in flight per
   agent, and the node telemetry the agents' heartbeats carry, in Prometheus' base units (ratios 0-1,
   bytes, celsius, watts), so one scrape of the controller replaces an exporter on every GPU machine;
@@ -33,8 +34,9 @@ from ollama_fleet.contract.status import ALL as AGENT_STATUSES
 from ollama_fleet.contract.status import AgentStatus
 from ollama_fleet.contract.sanitize import finite
 
+from ollama_fleet.controller.admission.gate import Admission
 from ollama_fleet.controller.jobs.ledger import JobLedger
-from ollama_fleet.controller.metrics import names
+from ollama_fleet.controller.metrics import names, queues
 from ollama_fleet.controller.metrics.requests import RequestStats
 from ollama_fleet.controller.registry.ingest import Ingest
 from ollama_fleet.controller.registry.live import MAX_LIST, Registry
@@ -54,11 +56,14 @@ def counter(spec: names.MetricSpec) -> CounterMetricFamily:
 class FleetCollector(Collector):
     """The fleet's figures at scrape time, from the parts that hold them."""
 
-    def __init__(self, registry: Registry, ingest: Ingest, jobs: JobLedger, stats: RequestStats) -> None:
+    def __init__(self, registry: Registry, ingest: Ingest, jobs: JobLedger, stats: RequestStats,
+                 admission: Admission) -> None:
         self.registry, self.ingest, self.jobs, self.stats = registry, ingest, jobs, stats
+        self.admission = admission
 
     def collect(self) -> Iterator[Metric]:
         yield from self.stats.families()
+        yield from self._queues()
         yield from self._agents()
         yield from self._mqtt()
         yield self._jobs()
@@ -71,6 +76,8 @@ class FleetCollector(Collector):
                                          gauge(names.AGENT_MODELS_LOADED))
         util, gpu_mem, temp, power = (gauge(names.AGENT_GPU_UTIL), gauge(names.AGENT_GPU_MEMORY),
                                       gauge(names.AGENT_GPU_TEMP), gauge(names.AGENT_GPU_POWER))
+        capacity, busy = gauge(names.AGENT_CAPACITY), gauge(names.AGENT_SLOTS_BUSY)
+        n_capacity, n_busy, admission = capacity.name, busy.name, self.admission
         n_inflight, n_cpu, n_memory, n_loaded = inflight.name, cpu.name, memory.name, loaded.name
         n_util, n_gpu_mem, n_temp, n_power = util.name, gpu_mem.name, temp.name, power.name
         add_inflight, add_cpu, add_memory, add_loaded = (inflight.samples.append, cpu.samples.append,
@@ -82,6 +89,10 @@ class FleetCollector(Collector):
             by_status[status] = by_status.get(status, 0) + 1
             agent = {"agent": a.node_id}
             add_inflight(Sample(n_inflight, agent, a.in_flight))
+            slots = queues.slots(admission, a)
+            busy.samples.append(Sample(n_busy, agent, slots.busy))
+            if a.routable:  # capacity that can take requests now
+                capacity.samples.append(Sample(n_capacity, agent, slots.capacity))
             if a.state != ONLINE:
                 continue  # a stale, lost or offline agent's last figures are not its present: no series
             m = a.metrics
@@ -111,7 +122,15 @@ class FleetCollector(Collector):
         agents = gauge(names.AGENTS)
         for status, n in by_status.items():
             agents.add_metric((status,), n)
-        yield from (agents, inflight, cpu, memory, util, gpu_mem, temp, power, loaded)
+        yield from (agents, inflight, capacity, busy, cpu, memory, util, gpu_mem, temp, power, loaded)
+
+    def _queues(self) -> Iterator[Metric]:
+        """Each model's waiting requests and its oldest one's wait; a model without a queue has no series."""
+        depth, oldest = gauge(names.QUEUE_DEPTH), gauge(names.QUEUE_OLDEST)
+        for model, q in sorted(queues.queues(self.admission, self.stats.label).items()):
+            depth.add_metric((model,), q.depth)
+            oldest.add_metric((model,), q.oldest_wait)
+        yield from (depth, oldest)
 
     def _mqtt(self) -> Iterator[Metric]:
         messages = counter(names.MQTT_MESSAGES)
@@ -147,9 +166,10 @@ class FleetMetrics:
     """The controller's metrics registry (compose.Fleet.metrics): the fleet collector on its own
     CollectorRegistry, which a future exporter can join."""
 
-    def __init__(self, registry: Registry, ingest: Ingest, jobs: JobLedger, stats: RequestStats) -> None:
+    def __init__(self, registry: Registry, ingest: Ingest, jobs: JobLedger, stats: RequestStats,
+                 admission: Admission) -> None:
         self.registry = CollectorRegistry()
-        self.collector = FleetCollector(registry, ingest, jobs, stats)
+        self.collector = FleetCollector(registry, ingest, jobs, stats, admission)
         self.registry.register(self.collector)
 
     def snapshot(self) -> Families:
@@ -173,7 +193,7 @@ def blueprint(metrics: FleetMetrics) -> Blueprint:
     bp = Blueprint("metrics")
 
     @bp.get("/metrics")
-    @openapi.summary("Prometheus metrics: requests, agents, GPU telemetry, MQTT ingest, jobs")
+    @openapi.summary("Prometheus metrics: requests, queues, agents, GPU telemetry, MQTT ingest, jobs")
     async def metrics_text(request: Request) -> HTTPResponse:
         return raw(await metrics.render(), content_type=CONTENT_TYPE_LATEST)
 

@@ -9,6 +9,10 @@ new label set's first request. Two readers take from the same accumulators:
   the same observations kept in 10-second slices; quantiles are interpolated from the histogram buckets
   exactly as PromQL's `histogram_quantile` does, so the dashboard and a Grafana panel agree.
 
+Admission control's queue outcomes arrive the same way, through `observe_queue()` (registered as an
+observer of controller/admission/gate.py's Admission when the `metrics` setting is on): outcomes counted,
+the waits of queued requests in a histogram by tier and, per model, in the recent slices.
+
 Model labels stay bounded: a model neither in the catalogue nor installed on some agent counts as
 names.OTHER_MODEL (the caller's `known_model` decides; its answers are cached for a while).
 """
@@ -26,6 +30,7 @@ from typing import Literal
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from ollama_fleet.controller.admission.gate import QueueEvent
 from ollama_fleet.controller.metrics import names
 
 SLICE_S = 10.0  # recent(): the width of one time slice
@@ -34,6 +39,7 @@ MODEL_CACHE_MAX = 1024  # model names whose label is remembered; over it the cac
 MODEL_CACHE_TTL = 30.0  # seconds: a model installed (or removed) since is labelled anew within this
 
 Dimension = Literal["agent", "model"]
+QUEUED = frozenset(("served", "timeout", "gone"))  # queue outcomes of requests that waited: their wait counts
 
 
 @dataclass(slots=True)
@@ -64,6 +70,9 @@ class Recent:
     ttft_p50: float | None  # seconds; None without a TTFT in the window
     ttft_p95: float | None
     tokens_per_s: float | None  # completion tokens per second of the window; None when no request reported any
+    queued: int = 0  # requests that waited in the model's queue and left it in the window (models only)
+    wait_p50: float | None = None  # their wait, seconds; None without one
+    wait_p95: float | None = None
 
 
 class Histogram:
@@ -132,13 +141,14 @@ class Series:
 class _Cell:
     """One agent's or model's numbers in one time slice."""
 
-    __slots__ = ("requests", "tokens", "tokens_seen", "ttft")
+    __slots__ = ("requests", "tokens", "tokens_seen", "ttft", "waits")
 
     def __init__(self) -> None:
         self.requests = 0
         self.ttft = [0] * (len(names.TTFT_BUCKETS) + 1)
         self.tokens = 0
         self.tokens_seen = False
+        self.waits: list[int] | None = None  # queue waits per QUEUE_WAIT_BUCKETS bucket; None: no queued request
 
 
 class _Slice:
@@ -167,6 +177,8 @@ class RequestStats:
         self.models: dict[str, Series] = {}
         self.overhead = Histogram(names.REQUEST_OVERHEAD.buckets)
         self.failovers = 0
+        self.queue_waits: dict[str, Histogram] = {}  # tier -> waits of queued requests
+        self.queue_outcomes: dict[str, int] = {}
         self._slices: deque[_Slice] = deque()
 
     # ---- writing -----------------------------------------------------------------------------
@@ -182,6 +194,10 @@ class RequestStats:
             self._labels.clear()
         self._labels[model] = (label, now)
         return label
+
+    def label(self, model: str) -> str:
+        """model_label() now: for readers outside the request path (the queue figures)."""
+        return self.model_label(model, self._clock())
 
     def observe(self, o: Observation) -> None:
         model = self.model_label(o.model, o.mono)
@@ -215,6 +231,28 @@ class RequestStats:
         _tally(sl.model, model, ttft_bucket, tokens)
         if o.agent:
             _tally(sl.agent, o.agent, ttft_bucket, tokens)
+
+    def observe_queue(self, ev: QueueEvent) -> None:
+        """An Admission observer: one request's outcome at the queue, on the event loop like observe()."""
+        outcomes = self.queue_outcomes
+        outcomes[ev.outcome] = outcomes.get(ev.outcome, 0) + 1
+        if ev.outcome not in QUEUED:
+            return  # refused without waiting: an outcome, not a wait
+        waits = self.queue_waits.get(ev.tier)
+        if waits is None:
+            waits = self.queue_waits[ev.tier] = Histogram(names.QUEUE_WAIT_BUCKETS)
+        bucket = waits.observe(ev.waited)
+        now = self._clock()
+        model = self.model_label(ev.model, now)
+        if not model:  # (every queued request names one)
+            return
+        cells = self._slice(int(now // SLICE_S)).model
+        cell = cells.get(model)
+        if cell is None:
+            cell = cells[model] = _Cell()
+        if cell.waits is None:
+            cell.waits = [0] * (len(names.QUEUE_WAIT_BUCKETS) + 1)
+        cell.waits[bucket] += 1
 
     def _slice(self, index: int) -> _Slice:
         slices = self._slices
@@ -266,6 +304,16 @@ class RequestStats:
             if series.completion is not None:
                 tokens.add_metric((model, "completion"), series.completion)
         yield tokens
+        spec = names.QUEUE_WAIT
+        waits = HistogramMetricFamily(spec.name, spec.help, labels=spec.labels)
+        for tier, h in self.queue_waits.items():
+            waits.add_metric((tier,), h.cumulative(), h.sum)
+        yield waits
+        spec = names.QUEUE_OUTCOMES
+        outcomes = CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
+        for outcome, n in self.queue_outcomes.items():
+            outcomes.add_metric((outcome,), n)
+        yield outcomes
 
     def recent(self, by: Dimension, window_s: float = 60.0) -> dict[str, Recent]:
         """Per agent or per model over the last `window_s` seconds (whole slices; at most MAX_WINDOW_S):
@@ -288,12 +336,18 @@ class RequestStats:
                 a.tokens += cell.tokens
                 a.tokens_seen = a.tokens_seen or cell.tokens_seen
                 a.ttft = [x + y for x, y in zip(a.ttft, cell.ttft, strict=True)]
+                if cell.waits is not None:
+                    a.waits = cell.waits if a.waits is None else [x + y for x, y in zip(a.waits, cell.waits,
+                                                                                        strict=True)]
         return {name: Recent(
             requests=a.requests,
             rps=a.requests / span,
             ttft_p50=histogram_quantile(0.5, names.TTFT_BUCKETS, a.ttft),
             ttft_p95=histogram_quantile(0.95, names.TTFT_BUCKETS, a.ttft),
             tokens_per_s=a.tokens / span if a.tokens_seen else None,
+            queued=sum(a.waits) if a.waits else 0,
+            wait_p50=histogram_quantile(0.5, names.QUEUE_WAIT_BUCKETS, a.waits) if a.waits else None,
+            wait_p95=histogram_quantile(0.95, names.QUEUE_WAIT_BUCKETS, a.waits) if a.waits else None,
         ) for name, a in acc.items()}
 
 

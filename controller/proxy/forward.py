@@ -506,10 +506,13 @@ class Proxy:
             if p is None:
                 agent: AgentRecord | None = remaining[0]
             else:
+                before = p.waited
                 try:
                     node = await self.admission.place(p, remaining)
                 except QueueRefused as q:
                     return self._refuse(x, 503, q.message, q.retry_after, "overloaded")
+                finally:
+                    x.waited += p.waited - before  # time in the queue is not time the controller adds
                 agent = next((a for a in remaining if a.node_id == node), None) or self.registry.agents.get(node)
             x.attempts = i + 1
             if agent is None:  # granted a slot on an agent deleted while the request waited
