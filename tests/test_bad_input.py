@@ -45,7 +45,7 @@ BODY_ROUTES = [("PUT", f"/api/agents/{NODE}/settings"), ("POST", f"/api/agents/{
                ("POST", "/api/push"), ("POST", "/api/create"), ("POST", "/api/copy"), ("DELETE", "/api/delete"),
                ("POST", "/api/chat"), ("POST", "/api/generate"), ("POST", "/api/embed"), ("POST", "/api/embeddings"),
                ("POST", "/api/show"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
-               ("POST", "/v1/embeddings"), ("POST", "/v1/responses")]
+               ("POST", "/v1/embeddings"), ("POST", "/v1/responses"), ("POST", "/v1/messages")]
 # Wrong JSON types for each field of the operator actions (and of the Ollama model API).
 WRONG = [1, -1, 10**30, 1.5, True, None, "", "x" * 100_000, [], ["a", 1], {}, {"a": {"b": []}}, "\ud800"]
 FIELDS = {

@@ -4,8 +4,8 @@
 
 Part 1, end to end (real Mosquitto, controller, 3 agents with `ollama_num_parallel` 2, fake Ollama that takes
 `--delay` seconds per token, 4 tokens): a burst of `--requests` non-streamed /api/chat requests sent at once
-from two API keys (70 % and 30 % of the burst; every key's requests 20 % high, 50 % normal, 30 % low priority,
-interleaved). Reports errors, the most generations any agent's Ollama ran at once (its own count), whether
+from two API keys (70 % and 30 % of the burst, interleaved; every key's requests 20 % high, 50 % normal, 30 % low
+priority, interleaved), each on its own keep-alive connection opened beforehand. Reports errors, the most generations any agent's Ollama ran at once (its own count), whether
 every `high` request finished before the median `low` one, and fairness: among the `normal` requests, what
 each key got served until the smaller key's last one finished (equal shares: 1.00).
 
@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -58,21 +58,54 @@ def add_key(data_dir: Path, name: str) -> str:
     return out.stdout.strip()
 
 
+async def _connect(host: str, port: int, n: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """n keep-alive connections, opened in small batches before the burst (a burst of SYNs would overflow
+    the listen backlog and measure TCP retransmits instead of the scheduler)."""
+    conns = []
+    for i in range(0, n, 50):
+        conns += await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(min(50, n - i))))
+    return conns
+
+
+async def _post(conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], host: str, body: bytes,
+                headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    reader, writer = conn
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(f"POST /api/chat HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n{head}\r\n".encode() + body)
+    status = int((await reader.readline()).split()[1])
+    got: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        k, _, v = line.decode().partition(":")
+        got[k.strip().lower()] = v.strip()
+    await reader.readexactly(int(got.get("content-length", "0")))
+    return status, got
+
+
 async def burst(url: str, keys: dict[str, str], n: int) -> list[dict[str, Any]]:
-    plan = []
+    """Every request sent at once, the two keys' requests interleaved (70/30), tiers interleaved per key."""
     shares = {"A": int(n * 0.7), "B": n - int(n * 0.7)}
-    for name, count in shares.items():
-        plan += [{"key": name, "tier": TIERS[i % len(TIERS)]} for i in range(count)]
-    body = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
-    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
+    plan = []
+    seen = {"A": 0, "B": 0}
+    for i in range(n):
+        key = "B" if (i * shares["B"]) // n != ((i + 1) * shares["B"]) // n else "A"
+        plan.append({"key": key, "tier": TIERS[seen[key] % len(TIERS)]})
+        seen[key] += 1
+    body = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}).encode()
+    host, port = url.split("//")[1].rsplit(":", 1)
+    conns = await _connect(host, int(port), n)
     t0 = time.monotonic()
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, trust_env=False) as client:
-        async def one(r: dict[str, Any]) -> dict[str, Any]:
-            headers = {"Authorization": f"Bearer {keys[r['key']]}", "X-Fleet-Priority": r["tier"]}
-            resp = await client.post("/api/chat", json=body, headers=headers)
-            return {**r, "status": resp.status_code, "done": time.monotonic() - t0,
-                    "wait_ms": int(resp.headers.get("x-fleet-queue-wait", "0"))}
-        return list(await asyncio.gather(*(one(r) for r in plan)))
+
+    async def one(r: dict[str, Any], conn: Any) -> dict[str, Any]:
+        status, headers = await _post(conn, f"{host}:{port}", body, {"Authorization": f"Bearer {keys[r['key']]}",
+                                                   "X-Fleet-Priority": r["tier"]})
+        return {**r, "status": status, "done": time.monotonic() - t0,
+                "wait_ms": int(headers.get("x-fleet-queue-wait", "0"))}
+    try:
+        return list(await asyncio.gather(*(one(r, c) for r, c in zip(plan, conns))))
+    finally:
+        for _, w in conns:
+            w.close()
 
 
 def end_to_end(n: int, delay: float) -> None:
@@ -97,11 +130,13 @@ def end_to_end(n: int, delay: float) -> None:
         wait_until(lambda: ctl.http.post("/api/chat", json={"model": "llama3.2"}).status_code == 401, 10,
                    what="keys in force")
         for f in fakes.values():
-            f.reset()
+            f.reset_stats()
         started = time.monotonic()
         rows = asyncio.run(burst(ctl.url, keys, n))
         took = time.monotonic() - started
         errors = sum(r["status"] != 200 for r in rows)
+        if errors:
+            print("  statuses:", dict(Counter(r["status"] for r in rows)))
         most = max(f.stats()["max_inference_in_flight"] for f in fakes.values())
         done = {t: sorted(r["done"] for r in rows if r["tier"] == t) for t in ("high", "normal", "low")}
         high_last, low_median = done["high"][-1], statistics.median(done["low"])
@@ -110,8 +145,9 @@ def end_to_end(n: int, delay: float) -> None:
         served = {k: sum(r["key"] == k for r in normal[:b_last + 1]) for k in ("A", "B")}
         ratio = served["B"] / served["A"] if served["A"] else 0.0
         waits = [r["wait_ms"] for r in rows]
-        print(f"burst: {n} requests on {len(NODES)} agents of capacity {CAPACITY}, {4 * delay * 1000:.0f} ms "
-              f"of generation each: {took:.1f} s ({n / took:.0f} req/s; ideal {len(NODES) * CAPACITY / (4 * delay):.0f})")
+        gen = 3 * delay  # the fake waits between its 4 tokens
+        print(f"burst: {n} requests on {len(NODES)} agents of capacity {CAPACITY}, {gen * 1000:.0f} ms "
+              f"of generation each: {took:.1f} s ({n / took:.0f} req/s; the slots allow {len(NODES) * CAPACITY / gen:.0f})")
         print(f"  errors: {errors}; most generations at once on one agent: {most} (capacity {CAPACITY})")
         print(f"  last high finished at {high_last:.2f} s; median low at {low_median:.2f} s")
         print(f"  fairness (normal tier, until key B's last): A {served['A']}, B {served['B']} -> B/A {ratio:.2f}")
