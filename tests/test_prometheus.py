@@ -157,6 +157,11 @@ def test_prometheus_scrapes_requests_and_gpus_from_a_live_fleet(fleet: Any, tmp_
         assert {s["metric"]["gpu"]: value(s) for s in memory} == {"0": 14e9, "1": 8e9}
         [status] = prom.query('fleet_agents{status="online"}')
         assert value(status) == 2
+        # admission control's slots: the idle agent's capacity in force, none of it busy
+        [capacity] = prom.query('fleet_agent_capacity{agent="prom-a"}')
+        assert value(capacity) >= 1
+        [busy] = prom.query('fleet_agent_slots_busy{agent="prom-a"}')
+        assert value(busy) == 0
 
         # TTFT quantile over the buckets' rate: the chats after the first scrape make it finite
         p50 = "histogram_quantile(0.5, sum by (le, model) (rate(fleet_request_ttft_seconds_bucket[1m])))"
@@ -169,7 +174,8 @@ def test_prometheus_scrapes_requests_and_gpus_from_a_live_fleet(fleet: Any, tmp_
         # every query of the shipped dashboard is valid PromQL over these series, and its core panels show data
         for panel, target in dashboard_targets():
             result = prom.query(target["expr"].replace("$__rate_interval", "1m"))
-            if panel["title"].startswith(("Requests/s", "Tokens/s", "Time to first token", "GPU", "Agents by")):
+            if panel["title"].startswith(("Requests/s", "Tokens/s", "Time to first token", "GPU", "Agents by",
+                                                 "Slots busy")):
                 assert result, f"panel {panel['title']!r} shows nothing: {target['expr']}"
     finally:
         prom.close()

@@ -26,9 +26,6 @@ from ollama_fleet.controller.registry.live import AgentRecord, Registry
 
 log = logging.getLogger("fleet.admission")
 
-WAITED_KEPT = 256  # recent queue waits kept per model for the dashboard
-
-
 class QueueRefused(Exception):
     """The queue cannot take or keep the request: 503 with Retry-After."""
 
@@ -56,6 +53,7 @@ class Pass:
     key: str | None
     waited: float = 0.0  # seconds spent queued, all placements together
     queued: bool = False  # it waited at least once (the answer carries X-Fleet-Queue-Wait)
+    settled: bool = False  # its queue outcome (timeout, gone) was reported: close() reports no "served"
     note: str = ""  # the warm-or-cold choice, for the route reason
     started: float = 0.0  # monotonic time its current slot was granted
     tried: list[str] = field(default_factory=list)
@@ -164,9 +162,9 @@ class Admission:
         t = p.ticket
         left = self.max_wait - p.waited
         if left <= 0:
-            raise self._refuse(t, "timeout", p.waited)
+            raise self._refuse(p, "timeout", p.waited)
         if not self.sched.enqueue(t, first=bool(p.tried)):
-            raise self._refuse(t, "full", p.waited)
+            raise self._refuse(p, "full", p.waited)
         p.queued = True
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters[t] = fut
@@ -184,21 +182,24 @@ class Admission:
                         break
                 if now >= deadline:
                     self._leave(t)
-                    raise self._refuse(t, "timeout", p.waited + now - start)
+                    raise self._refuse(p, "timeout", p.waited + now - start)
                 try:  # shielded: a timeout must not cancel the future a release may be setting
                     await asyncio.wait_for(asyncio.shield(fut), timeout=min(deadline, widen_at) - now)
                 except TimeoutError:
                     pass
         except asyncio.CancelledError:  # the client went away: leave the queue now
             self._leave(t)
+            p.settled = True
             self._observe(t, "gone", p.waited + self.clock() - start)
             raise
         finally:
             p.waited += self.clock() - start
-        self._observe(t, "served", p.waited)
         return fut.result()
 
-    def _refuse(self, t: Ticket, reason: str, waited: float) -> QueueRefused:
+    def _refuse(self, p: Pass, reason: str, waited: float) -> QueueRefused:
+        t = p.ticket
+        if p.queued or reason != "full":  # a request refused at the door never waited
+            p.settled = True
         self._observe(t, reason, waited)
         if reason == "full":
             message = f"every agent serving '{t.model}' is busy and its queue is full (max_queue)"
@@ -224,9 +225,18 @@ class Admission:
         self._wake(self.sched.release(node))
 
     def close(self, p: Pass, tokens: int) -> None:
-        """The request is over (whatever happened): its key's meter counts it out."""
+        """The request is over (whatever happened): its key's meter counts it out; one that waited and got a
+        slot is reported "served" once, with its whole wait (failovers included)."""
         if p.key is not None:
             self.meter.finish(p.key, tokens, self.clock())
+        if p.queued and not p.settled:
+            self._observe(p.ticket, "served", p.waited)
+
+    def capacity(self, a: AgentRecord) -> int:
+        """The capacity in force: the scheduler's (lowered for a while after the agent's Ollama said busy) once
+        it knows the agent, else the capacity the agent reported."""
+        node = a.node_id
+        return self.sched.capacity(node) if node in self.sched.reported else a.capacity
 
     def retry_after(self, model: str) -> int:
         """Whole seconds until a slot is likely: mean generation time x queue / slots; at least 1."""

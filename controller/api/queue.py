@@ -24,7 +24,7 @@ async def queue(request: Request) -> HTTPResponse:
     admission = fleet.proxy.admission
     sched = admission.sched
     models = [{**asdict(f), "oldest_wait": round(f.oldest_wait, 3)} for f in admission.figures()]
-    agents = [{"id": a.node_id, "capacity": sched.capacity(a.node_id), "reported": a.capacity,
+    agents = [{"id": a.node_id, "capacity": admission.capacity(a), "reported": a.capacity,
                "busy": sched.busy.get(a.node_id, 0)}
               for a in sorted(fleet.registry.agents.values(), key=lambda a: a.node_id)]
     return json({"waiting": sched.waiting, "models": models, "agents": agents})

@@ -228,8 +228,9 @@ async def series(request: Request) -> HTTPResponse:
 @bp.get("/dashboard/data/traffic.json")
 @access.login_required
 async def traffic(request: Request) -> HTTPResponse:
-    """Requests/s, TTFT p50/p95 and tokens/s per agent and per model over the last minute, unformatted:
-    the numbers the pages show (same computation, same tick)."""
+    """Requests/s, TTFT p50/p95, tokens/s and queue wait p50/p95 per agent and per model over the last
+    minute, and each model's queue now, unformatted: the numbers the pages show (same computation, same
+    tick)."""
     return json(data.traffic_json(_ui(request).traffic()))
 
 

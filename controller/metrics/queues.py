@@ -50,12 +50,8 @@ def queues(admission: Admission, label: Callable[[str], str]) -> dict[str, Queue
 
 
 def slots(admission: Admission, a: AgentRecord) -> Slots:
-    """An agent's slots held, and its capacity in force: the scheduler's (lowered for a while after its
-    Ollama said busy) once the agent reported to it, else the capacity the agent reported."""
-    sched = admission.sched
-    node = a.node_id
-    capacity = sched.capacity(node) if node in sched.reported else a.capacity
-    return Slots(sched.busy.get(node, 0), capacity)
+    """An agent's slots held, and its capacity in force (Admission.capacity)."""
+    return Slots(admission.sched.busy.get(a.node_id, 0), admission.capacity(a))
 
 
 def fleet_slots(admission: Admission, agents: Iterable[AgentRecord]) -> Slots:
