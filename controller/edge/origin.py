@@ -21,7 +21,7 @@ from sanic import Request
 from sanic.response import HTTPResponse, empty
 
 from ollama_fleet.controller.edge.context import settings_of
-from ollama_fleet.controller.edge.http import error_response
+from ollama_fleet.controller.edge.http import api_of, error_response
 from ollama_fleet.controller.edge.peer import from_trusted_proxy
 
 CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -102,7 +102,7 @@ def origin_allowed(request: Request, origin: str) -> bool:
 
 
 def _refuse(request: Request, message: str) -> HTTPResponse:
-    return error_response(request.path.startswith("/v1/"), 403, message)
+    return error_response(api_of(request.path), 403, message)
 
 
 async def check(request: Request) -> HTTPResponse | None:
