@@ -99,10 +99,17 @@ def _key_limits(migrator: SchemaMigrator) -> None:
     add_column(migrator, "apikey", "max_priority", pw.CharField(max_length=8, null=True))
 
 
+def _request_queue(migrator: SchemaMigrator) -> None:
+    """The request log's admission columns (controller/proxy/requestlog.py); NULL in the rows before them."""
+    add_column(migrator, "requestrecord", "queue_ms", pw.DoubleField(null=True))
+    add_column(migrator, "requestrecord", "priority", pw.CharField(max_length=8, null=True))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "baseline: the tables of releases before schema versions", _baseline),
     Migration(2, "float columns as double precision on PostgreSQL", _double_precision),
     Migration(3, "apikey limits: max_concurrent, rpm, tpm, max_priority", _key_limits),
+    Migration(4, "requestrecord: queue_ms, priority", _request_queue),
 )
 
 

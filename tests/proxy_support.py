@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -125,3 +126,15 @@ def db_rows(data_dir: Path, sql: str) -> list[tuple[Any, ...]]:
         return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(event, data) per SSE event; every data's `type` names its event, as in Anthropic's stream."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        m = re.fullmatch(r"event: (\S+)\ndata: (.*)", block)
+        assert m, block
+        data = json.loads(m.group(2))
+        assert data["type"] == m.group(1)
+        out.append((m.group(1), data))
+    return out

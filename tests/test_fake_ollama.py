@@ -32,6 +32,7 @@ from tests.fake_ollama import (
     start_fake_ollama,
     wait_until,
 )
+from tests.proxy_support import sse_events
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "why is the sky blue?"}]
 
@@ -755,19 +756,6 @@ def test_openai_responses(ai: openai.OpenAI, http: httpx.Client) -> None:
 
 ASK: list[MessageParam] = [{"role": "user", "content": "why is the sky blue?"}]
 MESSAGES = {"model": "llama3.2", "max_tokens": 50, "messages": ASK}
-
-
-def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """(event, data) per SSE event; each data's `type` names its event, as in Anthropic's streams."""
-    assert text.endswith("\n\n")
-    out = []
-    for block in text[:-2].split("\n\n"):
-        m = re.fullmatch(r"event: (\S+)\ndata: (.*)", block)
-        assert m, block
-        data = json.loads(m.group(2))
-        assert data["type"] == m.group(1)
-        out.append((m.group(1), data))
-    return out
 
 
 def texts(m: Message) -> list[str]:

@@ -4,7 +4,6 @@ that need their own settings (keys, timeouts, routing) start their own."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ from ollama_fleet.broker.local import free_loopback_port
 from ollama_fleet.controller.proxy.forward import KEYS_RELOAD_EVERY
 from tests.conftest import FleetFactory
 from tests.fake_ollama import FakeOllamaProcess
-from tests.proxy_support import fleet_cli, start_fleet, wait_routable
+from tests.proxy_support import fleet_cli, sse_events, start_fleet, wait_routable
 from tests.support import Controller, wait_until
 
 # two words: the fake counts words as input tokens
@@ -80,18 +79,6 @@ def error_of(e: pytest.ExceptionInfo[anthropic.APIStatusError]) -> Any:
     body = e.value.body
     assert isinstance(body, dict) and body["type"] == "error", body
     return body["error"]
-
-
-def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """(event, data) per SSE event; every data's `type` names its event, as in Anthropic's stream."""
-    out = []
-    for block in text.strip().split("\n\n"):
-        m = re.fullmatch(r"event: (\S+)\ndata: (.*)", block)
-        assert m, block
-        data = json.loads(m.group(2))
-        assert data["type"] == m.group(1)
-        out.append((m.group(1), data))
-    return out
 
 
 class TestOneFleet:

@@ -19,6 +19,7 @@ from ollama_fleet.controller.readmodel import AGENT_SORTS
 from ollama_fleet.controller.api.agents import EVENTS_MAX, MAX_NAME_LEN, MAX_NOTES_LEN, MAX_TAG_LEN, MAX_TAGS
 from ollama_fleet.controller.api.models import MAX_PAGE
 from ollama_fleet.controller.edge.params import INT_MAX, PARAM_MAX_LEN
+from ollama_fleet.controller.admission.priority import TIERS
 from ollama_fleet.controller.proxy.requestlog import PAGE_SIZES
 
 S = dict[str, Any]
@@ -119,6 +120,7 @@ REQUEST_FILTERS: list[tuple[str, S, str]] = [
     ("status", {"type": "string", "maxLength": PARAM_MAX_LEN, "example": "200,5xx,error"},
      "codes (200), classes (4xx) or `error`, comma-separated"),
     ("since", TIME, "from this time"), ("until", TIME, "before this time"),
+    ("priority", {"type": "string", "enum": list(TIERS)}, "a generation's priority tier"),
 ]
 AGENT_VIEW: list[tuple[str, S, str]] = [
     ("status", {"type": "string", "enum": list(ALL)}, "agent status"),

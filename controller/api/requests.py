@@ -20,8 +20,11 @@ bp = Blueprint("requests")
 @openapi.summary("Request log, newest first")
 @openapi.description(
     "Filters: `model`, `agent`, `endpoint`, `client`, `status` (a code like 200, a class like 5xx, or "
-    "`error`; comma-separated), `since`/`until` (epoch seconds or ISO 8601). Paging: `page` (from 1), "
-    "`per_page` (25, 50 or 100). `export=csv|json` returns every matching row (up to 100,000) as a file.")
+    "`error`; comma-separated), `priority` (high, normal or low: a generation's tier in force), "
+    "`since`/`until` (epoch seconds or ISO 8601). Paging: `page` (from 1), `per_page` (25, 50 or 100). "
+    "`export=csv|json` returns every matching row (up to 100,000) as a file. A row's `queue_ms` is the time "
+    "it waited in the fleet queue (null: it never queued); `priority` is null for requests not admitted "
+    "(embeddings, /api/show, refusals before admission).")
 async def list_requests(request: Request) -> HTTPResponse | None:
     fleet = fleet_of(request)
     try:

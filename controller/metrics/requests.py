@@ -23,7 +23,7 @@ import math
 import time
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -277,11 +277,7 @@ class RequestStats:
         for (endpoint, model, agent, code), n in self.requests.items():
             requests.add_metric((endpoint, model, agent, str(code)), n)
         yield requests
-        spec = names.REQUEST_ERRORS
-        errors = CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
-        for reason, n in self.errors.items():
-            errors.add_metric((reason,), n)
-        yield errors
+        yield _by_one_label(names.REQUEST_ERRORS, self.errors)
         for spec in (names.REQUEST_DURATION, names.REQUEST_TTFT, names.REQUEST_TPOT):
             fam = HistogramMetricFamily(spec.name, spec.help, labels=spec.labels)
             for model, series in self.models.items():
@@ -309,11 +305,7 @@ class RequestStats:
         for tier, h in self.queue_waits.items():
             waits.add_metric((tier,), h.cumulative(), h.sum)
         yield waits
-        spec = names.QUEUE_OUTCOMES
-        outcomes = CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
-        for outcome, n in self.queue_outcomes.items():
-            outcomes.add_metric((outcome,), n)
-        yield outcomes
+        yield _by_one_label(names.QUEUE_OUTCOMES, self.queue_outcomes)
 
     def recent(self, by: Dimension, window_s: float = 60.0) -> dict[str, Recent]:
         """Per agent or per model over the last `window_s` seconds (whole slices; at most MAX_WINDOW_S):
@@ -362,3 +354,10 @@ def _tally(cells: dict[str, _Cell], key: str, ttft_bucket: int, tokens: int | No
         cell.tokens += tokens
         cell.tokens_seen = True
 
+
+def _by_one_label(spec: names.MetricSpec, counts: Mapping[str, float]) -> CounterMetricFamily:
+    """A counter family with one label, from a label value -> count table."""
+    fam = CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
+    for value, n in counts.items():
+        fam.add_metric((value,), n)
+    return fam

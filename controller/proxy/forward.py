@@ -245,12 +245,15 @@ class Exchange:
 
     def row(self) -> dict[str, Any]:
         """The request log's row (requestlog.COLUMNS)."""
+        p = self.admitted  # None: not a generation, or refused before admission
         return {
             "rid": self.rid, "ts": self.ts, "client": self.client, "key": self.key, "endpoint": self.ep.path,
             "model": self.model, "stream": self.stream, "agent": self.agent, "status": self.status,
             "attempts": self.attempts, "ttfb_ms": self.ttfb_ms, "duration_ms": self.since_ms(),
             "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "error": self.error, "failover": self.failover,
+            "queue_ms": round(p.waited * 1000, 1) if p is not None and p.queued else None,
+            "priority": p.ticket.tier if p is not None else None,
         }
 
 

@@ -23,6 +23,7 @@ import peewee as pw
 
 from ollama_fleet.contract.model_names import normalize as normalize_model
 from ollama_fleet.contract.sanitize import clean_text
+from ollama_fleet.controller.admission.priority import TIERS
 from ollama_fleet.controller.db import Base, db, register_models
 from ollama_fleet.controller.exports import to_csv as safe_csv
 from ollama_fleet.controller.proxy.access_log import open_access_log
@@ -59,16 +60,23 @@ class RequestRecord(Base):
     completion_tokens = pw.IntegerField(null=True)
     error = pw.TextField(null=True)  # the failure, in-band errors included (status stays 200 then)
     failover = pw.TextField(null=True)  # agents that failed before the first byte, and why
+    # admission control (docs/admission.md); columns added later go last: see ADDED_COLUMNS
+    queue_ms = pw.DoubleField(null=True)  # time waited in the fleet queue; None: it never queued
+    priority = pw.CharField(null=True, max_length=8)  # a generation's tier in force; None: not admitted
 
 
 register_models(RequestRecord)
 
 COLUMNS = [f.name for f in RequestRecord._meta.sorted_fields if f.name != "id"]
+# Nullable columns added since the journal's first format, in order, at the end of COLUMNS: a journal line
+# written by an older release is shorter by some of these and replays with them as None.
+ADDED_COLUMNS = ("queue_ms", "priority")
+assert tuple(COLUMNS[-len(ADDED_COLUMNS):]) == ADDED_COLUMNS, "new request log columns go last"
 
 
 # Text columns and their lengths (VARCHAR on PostgreSQL); None: TEXT, bounded where the proxy writes it.
 TEXT_COLUMNS = (("rid", 32), ("client", 64), ("key", 64), ("endpoint", 64), ("model", 255), ("agent", 63),
-                ("error", 2000), ("failover", 2000))
+                ("error", 2000), ("failover", 2000), ("priority", 8))
 MAX_PENDING = 50_000  # rows buffered while the database fails; beyond, the journal alone keeps them
 REPLAY_CHUNK = 1000  # journal rows per transaction at start
 # Errors that say nothing about the row: the batch is kept for the next flush instead of being split.
@@ -233,7 +241,8 @@ def write_rows(rows: list[dict[str, Any]]) -> tuple[int, int]:
     sql = _insert_sql()
     try:
         with db.atomic():
-            db.cursor().executemany(sql, [tuple(r[c] for c in COLUMNS) for r in rows])
+            # .get: a row made before a column was added (journal replay, older callers) writes NULL there
+            db.cursor().executemany(sql, [tuple(r.get(c) for c in COLUMNS) for r in rows])
         return len(rows), 0
     except Exception as e:
         if type(e).__name__ in TRANSIENT:
@@ -267,20 +276,29 @@ def replay_journal(paths: list[Path]) -> tuple[int, int]:
             log.error("request log journal: cannot read %s: %s", path, e)
             continue
         for line in data.splitlines():
-            try:
-                values = json.loads(line)
-                if not isinstance(values, list) or len(values) != len(COLUMNS):
-                    raise ValueError("not a row")
-            except ValueError:  # a torn last line (killed mid-write) or a foreign file
+            row = _journal_row(line)
+            if row is None:  # a torn last line (killed mid-write) or a foreign file
                 dropped += 1
                 continue
-            rows.append(clean_row(dict(zip(COLUMNS, values))))
+            rows.append(row)
         for i in range(0, len(rows), REPLAY_CHUNK):
             w, d = write_rows(rows[i:i + REPLAY_CHUNK])
             total += w
             dropped += d
         path.unlink(missing_ok=True)
     return total, dropped
+
+
+def _journal_row(line: bytes) -> dict[str, Any] | None:
+    """One journal line as a row; a line of an older release (fewer ADDED_COLUMNS) gets None in the ones
+    it lacks. None: not a row."""
+    try:
+        values = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(values, list) or not len(COLUMNS) - len(ADDED_COLUMNS) <= len(values) <= len(COLUMNS):
+        return None
+    return clean_row(dict(zip(COLUMNS, values + [None] * (len(COLUMNS) - len(values)))))
 
 
 def prune_rows(before: float) -> int:
@@ -303,13 +321,17 @@ def parse_time(value: str) -> float:
 
 class Filters:
     """Query-string filters: model, agent, endpoint, client, status (200, 4xx, error; comma-separated),
-    since/until (epoch seconds or ISO 8601). Raises ValueError with a message for the client."""
+    priority (a tier), since/until (epoch seconds or ISO 8601). Raises ValueError with a message for the
+    client."""
 
     def __init__(self, args: Any) -> None:
         self.model = args.get("model") or None
         self.agent = args.get("agent") or None
         self.endpoint = args.get("endpoint") or None
         self.client = args.get("client") or None
+        self.priority = args.get("priority") or None
+        if self.priority is not None and self.priority not in TIERS:
+            raise ValueError(f"priority filter must be one of {', '.join(TIERS)}")
         self.status = [s.strip() for s in (args.get("status") or "").split(",") if s.strip()]
         for s in self.status:
             if not ((len(s) == 3 and s.isascii() and s.isdigit()) or (len(s) == 3 and s[0] in "12345" and s[1:] == "xx") or s == "error"):
@@ -324,7 +346,8 @@ class Filters:
         R = RequestRecord
         if self.model:
             q = q.where(R.model.in_({self.model, normalize_model(self.model)}))
-        for field, value in ((R.agent, self.agent), (R.endpoint, self.endpoint), (R.client, self.client)):
+        for field, value in ((R.agent, self.agent), (R.endpoint, self.endpoint), (R.client, self.client),
+                             (R.priority, self.priority)):
             if value:
                 q = q.where(field == value)
         if self.status:

@@ -76,7 +76,7 @@ class Simulator:
         per_tick = max(1, int(rate * tick)) if rate else 500
         sent, i = 0, 0
         start = time.monotonic()
-        while (now := time.monotonic()) < start + seconds:
+        while time.monotonic() < start + seconds:
             batch = []
             for _ in range(per_tick):
                 node = self.nodes[i % len(self.nodes)]
