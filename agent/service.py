@@ -56,7 +56,8 @@ class Agent:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         # the shipped ACL lets MQTT user X write only fleet/v1/nodes/X/#: the username is the best default
-        username = fmqtt.BrokerAddress.from_config(cfg).username
+        self.brokers = fmqtt.Brokers(cfg)  # mqtt_url's nodes in turn (docs/scaling.md)
+        username = self.brokers.current.username
         self.node_id = cfg.node_id or username or default_node_id(cfg.ollama_url)
         if not NODE_ID_RE.match(self.node_id):
             raise ConfigError(f"node_id {self.node_id!r} must match {NODE_ID_RE.pattern}")
@@ -98,20 +99,24 @@ class Agent:
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
-        log.info("agent %s starting (ollama %s, broker %r)", self.node_id, self.cfg.ollama_url,
-                 fmqtt.BrokerAddress.from_config(self.cfg))
+        log.info("agent %s starting (ollama %s, broker %s)", self.node_id, self.cfg.ollama_url,
+                 ", ".join(map(repr, self.brokers.addresses)))
         attempt = 0
         self.outbox.start()
         self.manager.start()  # before connecting: an install must not wait for the broker
         try:
             while not self._stop.is_set():
+                round_failed = True  # a clean end (a pause, a rebirth) stays with this broker
                 try:
                     await self._session()
                     attempt = 0
                 except aiomqtt.MqttError as e:
-                    log.warning("broker connection: %s", e)
-                    attempt += 1
-                delay = self._pause or fmqtt.backoff(attempt)
+                    log.warning("broker connection (%r): %s", self.brokers.current, e)
+                    # the next node at once; a backoff only once every node failed in a row
+                    round_failed = self.brokers.failed()
+                    if round_failed:
+                        attempt += 1
+                delay = self._pause or (fmqtt.backoff(attempt) if round_failed else 0.0)
                 self._pause = 0.0
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
@@ -129,8 +134,9 @@ class Agent:
         self.session = new_session()
         state_topic = self.topics.node(self.node_id, "state")
         will = aiomqtt.Will(state_topic, encode(state_payload("lost", self.session)), qos=1, retain=True)
-        kwargs = fmqtt.client_kwargs(self.cfg, f"fleet-agent-{self.node_id}", will)
+        kwargs = self.brokers.client_kwargs(f"fleet-agent-{self.node_id}", will)
         async with aiomqtt.Client(**kwargs) as client:
+            self.brokers.connected()
             self.client = client
             self.outbox.attach(client.publish, self.session)
             self._published.clear()

@@ -13,8 +13,10 @@ from typing import Literal
 class SettingsFields:
     """One field per setting, in table order, with its type and default."""
 
-    # Broker URL `mqtt://[user:pass@]host[:port]` (`mqtts://` for TLS). Empty on the controller: start a
-    # loopback trial broker.
+    # Broker URL `mqtt://[user:pass@]host[:port]` (`mqtts://` for TLS), or a comma-separated list of the
+    # nodes of one clustered broker: the first is tried first, a failure or a lost connection moves on
+    # to the next, a backoff follows only a whole round of failures (docs/scaling.md). Empty on the
+    # controller: start a loopback trial broker.
     mqtt_url: str = field(default="", repr=False)
     # MQTT username (overrides the URL's; an agent's username is its node id).
     mqtt_username: str = ""

@@ -1,4 +1,5 @@
-"""Broker connection parameters shared by agent and controller, and the reconnect backoff."""
+"""Broker connection parameters shared by agent and controller: one broker or the nodes of a clustered
+one taken in turn, and the reconnect backoff."""
 
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ RECONNECT_MIN = 0.5  # seconds; module level so tests can shrink them
 RECONNECT_MAX = 30.0
 
 
+SCHEMES = ("mqtt", "mqtts", "tcp", "ssl")
+
+
+def split_urls(value: str) -> list[str]:
+    """mqtt_url is one URL or a comma-separated list of the nodes of one clustered broker (a comma inside a
+    password is written %2C, as any reserved character in a URL's userinfo)."""
+    return [u.strip() for u in value.split(",") if u.strip()]
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     host: str
@@ -35,16 +45,35 @@ class BrokerAddress:
 
     @classmethod
     def from_config(cls, cfg: Config) -> BrokerAddress:
-        url = cfg.mqtt_url
-        if not url:
+        """The first broker of mqtt_url: where every connection starts (and the whole story for one URL)."""
+        return cls.all(cfg)[0]
+
+    @classmethod
+    def all(cls, cfg: Config) -> list[BrokerAddress]:
+        """Every broker of mqtt_url, in order, each URL checked."""
+        urls = split_urls(cfg.mqtt_url)
+        if not urls:
             raise ConfigError("mqtt_url is required")
+        addresses = [cls.parse(url, cfg) for url in urls]
+        if len({a.username for a in addresses}) > 1:  # one identity: the ACLs and an agent's node id hang on it
+            raise ConfigError("mqtt_url: every URL of the list must name the same user")
+        return addresses
+
+    @classmethod
+    def parse(cls, url: str, cfg: Config) -> BrokerAddress:
+        """One URL; mqtt_username/mqtt_password override the URL's. Errors never repeat the URL: it may
+        hold a password."""
         parts = urlsplit(url if "://" in url else "mqtt://" + url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        if parts.scheme not in SCHEMES:
             raise ConfigError(f"mqtt_url: unsupported scheme {parts.scheme!r}")
         tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"mqtt_url: bad port for host {parts.hostname!r}") from None
         return cls(
             host=parts.hostname or "127.0.0.1",
-            port=parts.port or (8883 if tls else 1883),
+            port=port or (8883 if tls else 1883),
             username=cfg.mqtt_username or (unquote(parts.username) if parts.username else None),
             password=cfg.mqtt_password or (unquote(parts.password) if parts.password else None),
             tls=tls,
@@ -54,12 +83,58 @@ class BrokerAddress:
         return f"BrokerAddress({self.host}:{self.port}, user={self.username!r}, tls={self.tls})"
 
 
+class Brokers:
+    """mqtt_url's brokers taken in turn by a reconnect loop: each attempt goes to `current`; a failed
+    attempt or a lost connection moves on to the next broker at once, and only a whole round of
+    failures in a row asks for a backoff. With one URL every failure is a whole round: the backoff
+    schedule is the one a single broker always had.
+
+    The URLs are read on first use, so a bad mqtt_url fails a connection attempt (logged, retried) like
+    an unreachable broker, in the loop that owns the connection."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.index = 0
+        self._failures = 0  # in a row, since the last connection
+        self._addresses: list[BrokerAddress] | None = None
+
+    @property
+    def addresses(self) -> list[BrokerAddress]:
+        if self._addresses is None:
+            self._addresses = BrokerAddress.all(self.cfg)
+        return self._addresses
+
+    @property
+    def current(self) -> BrokerAddress:
+        return self.addresses[self.index]
+
+    def client_kwargs(self, identifier: str, will: aiomqtt.Will | None = None) -> dict[str, Any]:
+        return client_kwargs(self.cfg, identifier, will, self.current)
+
+    def connected(self) -> None:
+        """The current broker took us: the next failure starts a new round from it."""
+        self._failures = 0
+
+    def failed(self) -> bool:
+        """The attempt failed or the connection was lost: move on to the next broker. True when every
+        broker has failed in a row, i.e. the caller backs off before the next attempt."""
+        count = len(self._addresses) if self._addresses else 1
+        self.index = (self.index + 1) % count
+        self._failures += 1
+        if self._failures < count:
+            return False
+        self._failures = 0
+        return True
+
+
 def protocol(cfg: Config) -> aiomqtt.ProtocolVersion:
     return aiomqtt.ProtocolVersion.V5 if cfg.mqtt_protocol == "5" else aiomqtt.ProtocolVersion.V311
 
 
-def client_kwargs(cfg: Config, identifier: str, will: aiomqtt.Will | None = None) -> dict[str, Any]:
-    addr = BrokerAddress.from_config(cfg)
+def client_kwargs(cfg: Config, identifier: str, will: aiomqtt.Will | None = None,
+                  address: BrokerAddress | None = None) -> dict[str, Any]:
+    """aiomqtt.Client arguments for `address` (default: the first broker of mqtt_url)."""
+    addr = address or BrokerAddress.from_config(cfg)
     kw: dict[str, Any] = dict(
         hostname=addr.host,
         port=addr.port,

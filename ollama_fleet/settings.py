@@ -6,6 +6,7 @@ Precedence, lowest first: default < config file (TOML) < environment < command-l
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -29,6 +30,7 @@ class Setting:
     scopes: frozenset[str] = BOTH
     secret: bool = False  # redacted in `fleet settings`; a plain secret has no flag (argv is readable by others)
     choices: tuple[str, ...] | None = None
+    minimum: float | None = None  # numbers: the least value accepted (and they must be finite)
 
     @property
     def has_flag(self) -> bool:
@@ -57,8 +59,10 @@ C, A = (CONTROLLER,), (AGENT,)
 
 SETTINGS: tuple[Setting, ...] = (
     # --- shared ---
-    _s("mqtt_url", str, "", "Broker URL `mqtt://[user:pass@]host[:port]` (`mqtts://` for TLS). Empty on the "
-       "controller: start a loopback trial broker.", secret=True),
+    _s("mqtt_url", str, "", "Broker URL `mqtt://[user:pass@]host[:port]` (`mqtts://` for TLS), or a "
+       "comma-separated list of the nodes of one clustered broker: the first is tried first, a failure or a "
+       "lost connection moves on to the next, a backoff follows only a whole round of failures "
+       "(docs/scaling.md). Empty on the controller: start a loopback trial broker.", secret=True),
     _s("mqtt_username", str, "", "MQTT username (overrides the URL's; an agent's username is its node id)."),
     _s("mqtt_password", str, "", "MQTT password (overrides the URL's).", secret=True),
     _s("mqtt_protocol", str, "5", "MQTT protocol version: `5` or `311`.", choices=("5", "311")),
@@ -113,11 +117,11 @@ SETTINGS: tuple[Setting, ...] = (
     _s("request_log_retention_days", float, 7.0, "Days of request log kept.", C),
     # --- controller: admission control (docs/admission.md) ---
     _s("max_queue", int, 256, "Requests that may wait per model when every agent that serves it is at capacity "
-       "(its `ollama_num_parallel`); beyond it a 503 with Retry-After.", C),
+       "(its `ollama_num_parallel`); beyond it a 503 with Retry-After. 0: no queue.", C, minimum=0),
     _s("max_queue_wait", float, 60.0, "Seconds a request may wait in its model's queue before a 503 with "
-       "Retry-After.", C),
+       "Retry-After.", C, minimum=0),
     _s("queue_aging", float, 30.0, "Seconds of waiting that lift a queued request by one priority tier "
-       "(`X-Fleet-Priority`), so low priority is never starved.", C),
+       "(`X-Fleet-Priority`), so low priority is never starved.", C, minimum=0.1),
     # --- controller: observability (docs/metrics.md) ---
     _s("metrics", bool, True, "Count proxied requests for `GET /metrics` (Prometheus) and the dashboard's "
        "per-agent and per-model figures. Off: the proxy does no metric work; /metrics keeps the fleet gauges.", C),
@@ -247,13 +251,16 @@ def coerce(setting: Setting, raw: Any) -> Any:
         raise ConfigError(f"{setting.name}: cannot read {raw!r} as {setting.kind}") from None
     if setting.choices and str(value) not in setting.choices:
         raise ConfigError(f"{setting.name}: {value!r} is not one of {', '.join(setting.choices)}")
+    if setting.minimum is not None and not (math.isfinite(value) and value >= setting.minimum):
+        raise ConfigError(f"{setting.name}: {value!r} must be a number of at least {setting.minimum:g}")
     return value
 
 
 def _has_password(url: str) -> bool:
-    """`scheme://user:password@host`: userinfo with a colon."""
-    userinfo = url.partition("://")[2].split("/", 1)[0].rpartition("@")[0]
-    return ":" in userinfo
+    """`[scheme://]user:password@host`: userinfo with a colon, in any URL of a comma-separated list."""
+    def userinfo(one: str) -> str:
+        return (one.partition("://")[2] if "://" in one else one).split("/", 1)[0].rpartition("@")[0]
+    return any(":" in userinfo(one) for one in url.split(","))
 
 
 def settings_for(scopes: Iterable[str]) -> list[Setting]:

@@ -22,7 +22,9 @@ BODIES: dict[str, dict[str, Any]] = {  # one generation per API family, streamed
     "/api/generate": {"model": "llama3.2", "prompt": "hi", "stream": False},
     "/v1/chat/completions": chat_body(stream=True),
     "/v1/completions": {"model": "llama3.2", "prompt": "hi"},
-    "/v1/messages": {"model": "llama3.2", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/responses": {"model": "llama3.2", "input": "hi"},
+    "/v1/messages": {"model": "llama3.2", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}],
+                     "stream": True},
 }
 
 
@@ -111,6 +113,7 @@ def test_a_client_that_disconnects_while_queued_leaves_the_queue_at_once(fleet):
             raise AssertionError("the queued request should still have been waiting")
         wait_until(lambda: depth(c) == 0, 5, what="the departed client out of the queue")
         assert running.result().status_code == 200
+    wait_until(lambda: busy(c, "dq-a") == 0, 5, what="every slot free again")
     wait_until(lambda: any(r["status"] == 499 for r in c.api.get("/api/requests").json()["requests"]), 10,
                what="the departed request logged as 499")
     assert fakes["dq-a"].stats()["requests"].get("/api/chat") == 1  # it never reached Ollama
@@ -209,20 +212,26 @@ def test_per_key_limits_answer_429_with_retry_after(fleet):
         second = post(c, "/api/chat", chat_body(), _auth(one))
         assert second.status_code == 429 and second.headers["retry-after"] == "1"
         assert held.result().status_code == 200
-    assert post(c, "/api/show", {"model": "llama3.2"}, _auth(one)).status_code == 200  # not a generation
+    assert post(c, "/api/chat", chat_body(), _auth(one)).status_code == 200  # the key's count went back down
+    assert post(c, "/api/show", {"model": "llama3.2"}, _auth(one)).status_code == 200  # no slot, but metered
+    embed = {"model": "llama3.2", "input": "hi"}
+    assert post(c, "/api/embed", embed, _auth(rpm)).status_code == 429  # every request of the key counts
     rows = c.api.get("/api/requests", params={"status": "429"}).json()["requests"]
     assert {r["key"] for r in rows} == {"rpm", "tpm", "one"}
 
 
-def test_an_agent_that_says_busy_gets_less_until_it_recovers(fleet):
+def test_an_agent_that_says_busy_gets_less_and_the_busy_request_waits_for_a_slot(fleet):
     c, fakes = start_fleet(fleet, "bz-a", agent_env={"fleet_ollama_num_parallel": "3"}, tokens=2, token_delay=0.4,
                            max_pending=1)
     wait_until(lambda: queue(c)["agents"][0]["capacity"] == 3, 10, what="capacity 3 reported")
     with ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda _: post(c, "/api/chat", chat_body()), range(2)))
-    assert sorted(r.status_code for r in answers) == [200, 503]  # Ollama's own busy answer, passed through
+    assert [r.status_code for r in answers] == [200, 200]  # the busy answer never reaches the client
+    assert sum("x-fleet-queue-wait" in r.headers for r in answers) == 1
     (agent,) = queue(c)["agents"]
     assert agent["capacity"] == 1 and agent["reported"] == 3  # lowered to what Ollama took
+    rows = c.api.get("/api/requests").json()["requests"]
+    assert any("HTTP 503; waiting for a slot again" in (r["failover"] or "") and r["status"] == 200 for r in rows)
     with ThreadPoolExecutor(3) as pool:
         answers = list(pool.map(lambda _: post(c, "/api/chat", chat_body()), range(3)))
     assert [r.status_code for r in answers] == [200] * 3
@@ -257,3 +266,23 @@ def test_warm_or_cold_is_decided_from_measured_times_and_said_in_the_route_reaso
         assert int(second.headers["x-fleet-queue-wait"]) > 0
         assert held.result().status_code == 200
     assert json.loads(json.dumps(queue(c)))["waiting"] == 0
+
+
+def test_aging_lets_a_long_waiting_low_request_pass_fresh_high_ones(fleet):
+    c, fake = _one_slot_blocked(fleet, "ag-a", fleet_queue_aging="0.5")
+    with ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(post, c, "/api/chat", chat_body())
+        wait_until(lambda: busy(c, "ag-a") == 1, 10, what="the agent's slot taken")
+        done: list[str] = []
+        low = pool.submit(post, c, "/api/chat", chat_body(), {"X-Fleet-Priority": "low"})
+        low.add_done_callback(lambda f: done.append("low"))
+        # two agings: the low request now ranks with high ones, and it is older
+        wait_until(lambda: any(m["oldest_wait"] >= 1.1 for m in queue(c)["models"]), 10, what="the low one aged")
+        highs = [pool.submit(post, c, "/api/chat", chat_body(), {"X-Fleet-Priority": "high"}) for _ in range(3)]
+        for h in highs:
+            h.add_done_callback(lambda f: done.append("high"))
+        wait_until(lambda: depth(c) == 4, 10, what="all four queued")
+        fake.set_config(initial_delay=0.15)
+        assert blocker.result().status_code == 200
+        assert all(f.result().status_code == 200 for f in [low, *highs])
+    assert done[0] == "low", done

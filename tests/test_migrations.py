@@ -392,3 +392,25 @@ def test_keys_of_a_release_database_gain_limits(url: str) -> None:
         ring.load(*keys.state())
         assert ring.limits("ci") == KeyLimits(rpm=30, max_priority="low")
         assert [(r["name"], r["rpm"]) for r in keys.list_keys()] == [("ci", 30), ("old", None)]
+
+
+def test_request_log_of_a_release_database_gains_queue_columns(url: str) -> None:
+    """Step 4: requestrecord gets nullable queue_ms and priority; the release's rows read them as null, new
+    rows write them, and the priority filter reads them."""
+    from ollama_fleet.controller.proxy.requestlog import Filters, query_page, write_rows
+
+    make_release_database(url)
+    database = init_db(url)
+    cols = columns_of(url, "requestrecord")
+    assert cols["queue_ms"] is True and cols["priority"] is True, cols
+    with database.connection_context():
+        kinds = {c.name: c.data_type.lower() for c in database.get_columns("requestrecord")}
+        if _dialect(url) == "postgresql":
+            assert (kinds["queue_ms"], kinds["priority"]) == ("double precision", "character varying")
+        row = {**RELEASE_ROWS["requestrecord"][0], "rid": "r-3", "ts": 1700000900.0, "queue_ms": 1234.5,
+               "priority": "high"}
+        assert write_rows([row]) == (1, 0)
+        rows = {r["rid"]: r for r in query_page(Filters({}), 1, 25)["requests"]}
+        assert [(rows[r]["queue_ms"], rows[r]["priority"]) for r in ("r-1", "r-2", "r-3")] == [
+            (None, None), (None, None), (1234.5, "high")]
+        assert [r["rid"] for r in query_page(Filters({"priority": "high"}), 1, 25)["requests"]] == ["r-3"]

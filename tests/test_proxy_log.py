@@ -6,9 +6,11 @@ import csv
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tests.proxy_support import chat_body, db_rows, start_fleet, wait_routable
 from tests.support import wait_until
+from tests.test_admission import ADMIN, _auth, _key, busy, depth, post
 
 
 def _log(c, **params):
@@ -120,3 +122,58 @@ def test_old_records_are_pruned_after_the_retention(fleet):
     wait_until(lambda: time.time() - _log(c)["requests"][0]["ts"] > 1, 5, what="the record to age")
     c.restart()  # pruning runs at start, then every 10 minutes
     wait_until(lambda: _log(c)["total"] == 0, 5, what="the old record pruned")
+
+
+def test_queue_wait_and_priority_are_recorded_shown_and_filtered(fleet):
+    """One slot (capacity 1): a high-priority chat holds it, a plain generate waits in the queue; a key capped
+    at `low` is logged at its ceiling; an embedding (metered under its key, never queued) has no priority."""
+    c, fakes = start_fleet(fleet, "qlog-a", controller_env={"fleet_admin_token": ADMIN}, tokens=1,
+                           initial_delay=1.0)
+    key, capped = _auth(_key(fleet, "ql")), _auth(_key(fleet, "ql-low", "--max-priority", "low"))
+    wait_routable(c, "qlog-a", models=("llama3.2:latest", "all-minilm:latest"))
+    # probed with a request that is no generation: the probe's own rows have no priority
+    wait_until(lambda: post(c, "/api/show", {"model": "llama3.2"}).status_code == 401, 10, what="keys in force")
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, c, "/api/chat", chat_body(), {**key, "X-Fleet-Priority": "high"})
+        wait_until(lambda: busy(c, "qlog-a") == 1, 10, what="the agent's one slot taken")
+        second = pool.submit(post, c, "/api/generate", {"model": "llama3.2", "prompt": "x", "stream": False}, key)
+        wait_until(lambda: depth(c) == 1, 10, what="the generate queued")
+        fakes["qlog-a"].set_config(initial_delay=0.0)
+        held, queued = first.result(), second.result()
+    assert held.status_code == 200 and "x-fleet-queue-wait" not in held.headers
+    assert queued.status_code == 200
+    assert post(c, "/api/chat", chat_body(), {**capped, "X-Fleet-Priority": "high"}).status_code == 200
+    assert post(c, "/api/embed", {"model": "all-minilm", "input": "x"}, key).status_code == 200
+
+    def log(**params: str) -> dict:
+        r = c.api.get("/api/requests", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    rows = [x for x in log()["requests"] if x["key"]]  # not the probes
+    embed, low, gen, chat = rows
+    assert (chat["queue_ms"], chat["priority"]) == (None, "high")
+    assert gen["priority"] == "normal" and gen["queue_ms"] > 0
+    assert abs(gen["queue_ms"] - int(queued.headers["x-fleet-queue-wait"])) <= 1  # the same figure
+    assert gen["queue_ms"] <= gen["duration_ms"]
+    assert (low["key"], low["priority"], low["queue_ms"]) == ("ql-low", "low", None)  # the key's ceiling
+    assert (embed["endpoint"], embed["queue_ms"], embed["priority"]) == ("/api/embed", None, None)
+
+    assert [x["rid"] for x in log(priority="high")["requests"]] == [chat["rid"]]
+    assert [x["rid"] for x in log(priority="normal")["requests"]] == [gen["rid"]]
+    assert [x["rid"] for x in log(priority="low", endpoint="/api/chat")["requests"]] == [low["rid"]]
+    for bad in ("urgent", "HIGH", "high,low"):
+        r = c.api.get("/api/requests", params={"priority": bad})
+        assert r.status_code == 400 and "priority" in r.json()["error"], bad
+
+    r = c.api.get("/api/requests", params={"export": "csv"})
+    by_rid = {x["rid"]: x for x in csv.DictReader(io.StringIO(r.text))}
+    assert {"queue_ms", "priority"} <= set(by_rid[gen["rid"]])
+    assert float(by_rid[gen["rid"]]["queue_ms"]) == gen["queue_ms"] and by_rid[gen["rid"]]["priority"] == "normal"
+    assert (by_rid[embed["rid"]]["queue_ms"], by_rid[embed["rid"]]["priority"]) == ("", "")
+    exported = {x["rid"]: x for x in c.api.get("/api/requests", params={"export": "json"}).json()}
+    assert exported[chat["rid"]]["priority"] == "high" and exported[gen["rid"]]["queue_ms"] == gen["queue_ms"]
+
+    page = c.api.get(f"/dashboard/requests/{gen['rid']}").text
+    assert f"<dt>Queued</dt><dd>{gen['queue_ms']:.1f} ms</dd>" in page and "<dt>Priority</dt><dd>normal</dd>" in page
+    assert f"queued {gen['queue_ms']:.0f} ms" in c.api.get("/dashboard/requests").text

@@ -4,6 +4,7 @@ SIGKILLed right after (the journal), and the journal is emptied as rows reach th
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,23 @@ def test_a_torn_journal_line_is_skipped_and_the_rest_replayed(fleet):
     assert logged == set(rids)
     stats = c.http.get("/api/ingest").json()["request_log"]
     assert stats["replayed"] == 3 and stats["dropped"] == 2
+
+
+def test_a_journal_written_by_the_previous_release_still_replays(fleet):
+    """Journal lines are arrays in column order; the previous release's lacked queue_ms and priority."""
+    c = fleet.controller(fleet_flush_interval="3600")
+    c.kill()
+    now = time.time()  # recent: rows older than the retention are pruned at start
+    old = ["0ld0000000000001", now - 2, "10.0.0.9", None, "/api/chat", "llama3.2:latest", True, "gpu-a",
+           200, 1, 120.5, 900.0, 12, 80, None, None]
+    new = ["new0000000000002", now - 1, "10.0.0.9", "ci", "/api/generate", "llama3.2:latest", False,
+           "gpu-a", 503, 1, None, 2100.0, None, None, "the queue is full", None, 2000.4, "low"]
+    (fleet.tmp / JOURNAL / "000000000999.jsonl").write_text(f"{json.dumps(old)}\n{json.dumps(new)}\n")
+    c.start()
+    c.wait_ready()
+    logged = {x["rid"]: x for x in c.http.get("/api/requests", params={"export": "json"}).json()}
+    assert set(logged) == {old[0], new[0]}
+    assert (logged[old[0]]["ttfb_ms"], logged[old[0]]["queue_ms"], logged[old[0]]["priority"]) == (120.5, None, None)
+    assert (logged[new[0]]["queue_ms"], logged[new[0]]["priority"], logged[new[0]]["status"]) == (2000.4, "low", 503)
+    stats = c.http.get("/api/ingest").json()["request_log"]
+    assert stats["replayed"] == 2 and stats["dropped"] == 0

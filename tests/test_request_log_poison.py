@@ -62,7 +62,7 @@ def _row(i: int, **over: Any) -> dict[str, Any]:
     row = {"rid": f"r{i:04d}", "ts": time.time(), "client": "127.0.0.1", "key": None, "endpoint": "/api/chat",
            "model": "llama3.2:latest", "stream": False, "agent": "a", "status": 200, "attempts": 1,
            "ttfb_ms": 1.0, "duration_ms": 2.0, "prompt_tokens": 1, "completion_tokens": 2, "error": None,
-           "failover": None}
+           "failover": None, "queue_ms": None, "priority": "normal"}
     row.update(over)
     assert set(row) == set(COLUMNS)
     return row
@@ -116,3 +116,15 @@ def test_a_transient_error_keeps_the_batch_for_the_next_flush(sqlite_db):
         blocker.rollback()
         blocker.close()
     assert write_rows([_row(i) for i in range(10)]) == (10, 0)
+
+
+def test_a_row_without_the_newer_columns_is_written_with_null_there(sqlite_db):
+    """A row made before queue_ms and priority existed (an older caller, a journal line) still writes."""
+    old = {k: v for k, v in _row(1).items() if k not in ("queue_ms", "priority")}
+    assert write_rows([old, _row(2, queue_ms=12.5, priority="low")]) == (2, 0)
+    con = sqlite3.connect(sqlite_db)
+    try:
+        got = con.execute("select rid, queue_ms, priority from requestrecord order by rid").fetchall()
+    finally:
+        con.close()
+    assert got == [("r0001", None, None), ("r0002", 12.5, "low")]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ollama_fleet.controller.admission.estimates import Estimates
 from ollama_fleet.controller.admission.scheduler import CORRECTION_HOLD, Scheduler, Ticket
+from ollama_fleet.settings import CONTROLLER, ConfigError, load
 
 
 class Clock:
@@ -153,9 +154,11 @@ def test_busy_from_ollama_lowers_capacity_for_a_while() -> None:
     s, clock = make({"a": 4})
     for _ in range(4):
         assert s.acquire(ticket(clock), ["a"]) == "a"
-    assert s.busy_signal("a") == 3  # four of ours were on it when it said busy
-    for _ in range(2):
-        s.release("a")
+    assert s.busy_signal("a") == (3, clock.now + CORRECTION_HOLD)  # four of ours were on it when it said busy
+    s.release("a")
+    clock.now += 0.5
+    assert s.busy_signal("a")[0] == 3  # the same overload: not lowered again
+    s.release("a")
     assert s.free("a") == 1
     clock.now += CORRECTION_HOLD + 1
     assert s.capacity("a") == 4 and s.free("a") == 2
@@ -193,35 +196,52 @@ def test_figures_show_depth_by_tier_and_the_oldest_wait() -> None:
 
 
 def simulate(seed: int, caps: dict[str, int]) -> list[tuple[int, str]]:
-    """Random arrivals and completions; checks the invariants after every step; returns the grants."""
+    """Random arrivals (two models, some pinned to one agent), completions and cancellations; checks the
+    invariants after every step; returns the grants."""
     rnd = random.Random(seed)
-    s, clock = make(caps)
+    nodes = sorted(caps)
+    models = {n: {"m", "n"} if i % 2 == 0 else {"m"} for i, n in enumerate(nodes)}
+    s, clock = make(caps, models, max_queue=10_000)
     running: list[tuple[Ticket, int]] = []
+    waiting: list[Ticket] = []
     grants: list[tuple[int, str]] = []
     ids: dict[int, int] = {}
-    n = 0
-    for _ in range(400):
+
+    def granted(t: Ticket) -> None:
+        assert t.node is not None and t.model in models[t.node] and (t.only is None or t.node in t.only)
+        running.append((t, ids[id(t)]))
+        grants.append((ids[id(t)], t.node))
+        if t in waiting:
+            waiting.remove(t)
+
+    for step in range(400):
         clock.now += rnd.random()
-        if rnd.random() < 0.55:
-            t = ticket(clock, party=rnd.choice("xyz"), tier=rnd.choice(("high", "normal", "low")))
-            ids[id(t)] = n
-            n += 1
-            node = s.acquire(t, sorted(caps, key=lambda _: rnd.random()))
-            if node is None:
+        roll = rnd.random()
+        if roll < 0.5:
+            model = rnd.choice(("m", "m", "n"))
+            servers = [n for n in nodes if model in models[n]]
+            only = frozenset({rnd.choice(servers)}) if rnd.random() < 0.15 else None
+            t = ticket(clock, party=rnd.choice("xyz"), tier=rnd.choice(("high", "normal", "low")), model=model,
+                       only=only)
+            ids[id(t)] = step
+            if s.acquire(t, sorted(servers, key=lambda _: rnd.random())) is None:
                 assert s.enqueue(t)
+                waiting.append(t)
             else:
-                running.append((t, ids[id(t)]))
-                grants.append((ids[id(t)], node))
+                granted(t)
+        elif roll < 0.55 and waiting:
+            t = waiting.pop(rnd.randrange(len(waiting)))
+            assert s.cancel(t)
         elif running:
-            t, tid = running.pop(rnd.randrange(len(running)))
+            t, _ = running.pop(rnd.randrange(len(running)))
             assert t.node is not None
             for g in s.release(t.node):
-                assert g.node is not None
-                running.append((g, ids[id(g)]))
-                grants.append((ids[id(g)], g.node))
+                granted(g)
+        assert s.waiting == len(waiting)
         for node, cap in caps.items():
             assert 0 <= s.busy.get(node, 0) <= cap
-            assert s.free(node) == 0 or s.waiting == 0  # a free slot never idles while a ticket waits
+            if s.free(node) > 0:  # a free slot never idles while a ticket it could serve waits
+                assert not any(t.model in models[node] and (t.only is None or node in t.only) for t in waiting)
     return grants
 
 
@@ -251,3 +271,15 @@ def test_warm_or_cold_decides_from_measured_times() -> None:
     assert not slow.wait and "cold start on cold" in slow.note
     e.served("m", "cold", 1.0, load_s=3.0)
     assert e.load[("m", "cold")] == 8.0 + 0.2 * (3.0 - 8.0)
+
+
+def test_the_queue_settings_refuse_values_that_would_break_the_order() -> None:
+    for name, bad in (("queue_aging", "0"), ("queue_aging", "nan"), ("max_queue_wait", "-1"),
+                      ("max_queue_wait", "inf"), ("max_queue", "-5")):
+        try:
+            load({CONTROLLER}, env={f"FLEET_{name.upper()}": bad})
+        except ConfigError as e:
+            assert name in str(e)
+        else:
+            raise AssertionError(f"{name}={bad} was accepted")
+    assert load({CONTROLLER}, env={"FLEET_QUEUE_AGING": "0.5"}).queue_aging == 0.5

@@ -26,6 +26,9 @@ from ollama_fleet.controller.registry.live import AgentRecord, Registry
 
 log = logging.getLogger("fleet.admission")
 
+WIDEN_BEFORE = 0.9  # a warm-agent wait ends by this share of max_queue_wait, leaving time for any agent
+
+
 class QueueRefused(Exception):
     """The queue cannot take or keep the request: 503 with Retry-After."""
 
@@ -138,27 +141,28 @@ class Admission:
         return node
 
     def _warm_or_cold(self, p: Pass, order: list[AgentRecord], node: str) -> tuple[str | None, float]:
-        """The free agent `node` would have to load the model while a busy one has it loaded: keep the slot,
-        or give it back and wait for the warm agent (for at most the cold agent's load time)."""
-        model = p.ticket.model
+        """The free agent `node` would have to load the model while every agent that has it loaded is busy:
+        keep the slot, or give it back and wait for a warm agent (for at most the cold agent's load time and
+        what is left of max_queue_wait; after that any agent will do)."""
+        model, sched = p.ticket.model, self.sched
         a = next(a for a in order if a.node_id == node)
         if self.warm(a, model):
             return node, math.inf
-        warm = {w.node_id: self.sched.capacity(w.node_id) for w in order if self.warm(w, model)}
-        if not warm:
+        warm = {w.node_id: sched.capacity(w.node_id) for w in order if self.warm(w, model)}
+        if not warm or any(sched.free(w) > 0 for w in warm):  # none warm, or a warm one free: the router's choice
             return node, math.inf
-        choice = self.estimates.choose(model, node, warm, self.sched.depth(model))
+        choice = self.estimates.choose(model, node, warm, sched.depth(model))
         p.note = choice.note
-        if not choice.wait:
+        if not choice.wait or sched.depth(model) >= sched.max_queue:  # a full queue: keep the slot in hand
             return node, math.inf
-        self._wake(self.sched.release(node))
+        self._wake(sched.release(node))
         p.ticket.node = None
         p.ticket.only = frozenset(warm) if p.ticket.only is None else p.ticket.only & frozenset(warm)
         return None, choice.patience
 
     async def _wait(self, p: Pass, patience: float) -> str:
         """Queued until a slot is granted; `patience`: seconds to wait for the agents in `ticket.only` before
-        any eligible agent will do (a warm-agent wait)."""
+        any eligible agent will do (a warm-agent wait; it ends before max_queue_wait does)."""
         t = p.ticket
         left = self.max_wait - p.waited
         if left <= 0:
@@ -169,7 +173,8 @@ class Admission:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters[t] = fut
         start = self.clock()
-        deadline, widen_at = start + left, start + patience
+        deadline = start + left
+        widen_at = start + min(patience, left * WIDEN_BEFORE) if patience != math.inf else math.inf
         try:
             while not fut.done():
                 now = self.clock()
@@ -183,10 +188,9 @@ class Admission:
                 if now >= deadline:
                     self._leave(t)
                     raise self._refuse(p, "timeout", p.waited + now - start)
-                try:  # shielded: a timeout must not cancel the future a release may be setting
-                    await asyncio.wait_for(asyncio.shield(fut), timeout=min(deadline, widen_at) - now)
-                except TimeoutError:
-                    pass
+                # asyncio.wait, not wait_for: on 3.11 wait_for can return a result that arrived in the same
+                # tick as the task's cancellation and swallow the cancellation (a departed client kept its slot)
+                await asyncio.wait((fut,), timeout=min(deadline, widen_at) - now)
         except asyncio.CancelledError:  # the client went away: leave the queue now
             self._leave(t)
             p.settled = True
@@ -217,12 +221,19 @@ class Admission:
     def done(self, p: Pass, node: str, ok: bool, load_s: float | None = None, busy: bool = False) -> None:
         """The attempt on `node` is over: its slot is free. `busy`: the agent's Ollama said "server busy"."""
         if busy:
-            cap = self.sched.busy_signal(node)
+            cap, until = self.sched.busy_signal(node)
             log.info("agent %s answered busy: capacity %d for the next while", node, cap)
+            # when the hold ends the capacity grows back: hand the new slots out then, not at the next heartbeat
+            loop = asyncio.get_running_loop()
+            loop.call_at(loop.time() + max(0.0, until - self.clock()) + 0.01, self._pump, node)
         elif ok:
             self.estimates.served(p.ticket.model, node, self.clock() - p.started, load_s)
         p.ticket.node = None
         self._wake(self.sched.release(node))
+
+    def _pump(self, node: str) -> None:
+        if self.sched.waiting:
+            self._wake(self.sched.pump(node))
 
     def close(self, p: Pass, tokens: int) -> None:
         """The request is over (whatever happened): its key's meter counts it out; one that waited and got a

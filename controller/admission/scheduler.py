@@ -24,6 +24,7 @@ from ollama_fleet.controller.admission.priority import RANK, TIERS
 
 AGING = 30.0  # seconds of waiting that lift a tier by one rank
 CORRECTION_HOLD = 60.0  # seconds a capacity lowered after Ollama said "busy" stays lowered
+BURST = 1.0  # seconds after a correction in which further busy answers belong to the same overload
 
 
 @dataclass(eq=False, slots=True)
@@ -105,12 +106,20 @@ class Scheduler:
         self.reported[node] = max(1, capacity)
         return self.pump(node) if old is None or capacity > old else []
 
-    def busy_signal(self, node: str) -> int:
+    def busy_signal(self, node: str) -> tuple[int, float]:
         """The agent's Ollama answered "server busy" with our `busy` requests on it (this one included):
-        for CORRECTION_HOLD its capacity is one less than that. Returns the capacity now in force."""
-        cap = max(1, min(self.capacity(node), self.busy.get(node, 1) - 1))
-        self._lowered[node] = (cap, self.clock() + CORRECTION_HOLD)
-        return cap
+        for CORRECTION_HOLD its capacity is one less than that. A burst of busy answers is one overload: within
+        BURST of a correction, a further answer extends the hold but lowers no further. Returns the capacity
+        now in force and the clock time the hold ends."""
+        now = self.clock()
+        low = self._lowered.get(node)
+        if low is not None and low[1] - CORRECTION_HOLD + BURST > now:
+            cap = low[0]
+        else:
+            cap = max(1, min(self.capacity(node), self.busy.get(node, 1) - 1))
+        until = now + CORRECTION_HOLD
+        self._lowered[node] = (cap, until)
+        return cap, until
 
     def forget(self, node: str) -> None:
         """An agent that left the registry. Slots still held are released by their requests."""

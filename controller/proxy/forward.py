@@ -65,6 +65,8 @@ RESPONSE_DROP = frozenset({
 STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 MAX_TEXT = 255  # the request log's text columns
 TAIL_BYTES = 32 * 1024  # end of each answer kept to read token counts and in-band errors from
+BUSY_RETRIES = 3  # times a generation answered "server busy" waits for a slot again before failing over
+BUSY_BACKOFF = 0.25  # seconds (times the retry's number) before retrying an agent busy with others' work
 KEYS_RELOAD_EVERY = 2.0  # seconds: `fleet keys add|revoke` take effect within this
 PRUNE_EVERY = 600.0
 ERROR_TEXT_MAX = 500
@@ -245,7 +247,8 @@ class Exchange:
 
     def row(self) -> dict[str, Any]:
         """The request log's row (requestlog.COLUMNS)."""
-        p = self.admitted  # None: not a generation, or refused before admission
+        # a keyed embedding is metered (a Pass) but never queues: priority is a generation's only
+        p = self.admitted if self.ep.generates else None
         return {
             "rid": self.rid, "ts": self.ts, "client": self.client, "key": self.key, "endpoint": self.ep.path,
             "model": self.model, "stream": self.stream, "agent": self.agent, "status": self.status,
@@ -419,9 +422,11 @@ class Proxy:
         finally:
             if resp is not None and not x.status:
                 x.status = resp.status
-            self._finish(x)
-            if x.admitted is not None:
-                self.admission.close(x.admitted, (x.prompt_tokens or 0) + (x.completion_tokens or 0))
+            try:
+                self._finish(x)
+            finally:  # the key's meter counts the request out whatever happened
+                if x.admitted is not None:
+                    self.admission.close(x.admitted, (x.prompt_tokens or 0) + (x.completion_tokens or 0))
             if x.payload is not None:
                 x.payload.close()
 
@@ -484,8 +489,8 @@ class Proxy:
             return self._reject(x, 404 if decision.kind == "not_found" else 503, decision.message, "no_route")
         x.decision = decision
         x.trace.routed(x.model, decision)
-        if ep.generates:  # generations hold one of an agent's slots: admission control
-            limits = self.keys.limits(x.key) if x.key is not None else None
+        limits = self.keys.limits(x.key) if x.key is not None else None
+        if ep.generates or limits is not None:  # every keyed request is metered; generations also take a slot
             if limits is not None:
                 tier = priority.capped(tier, limits.max_priority)
             opened = self.admission.open(decision.model, tier, x.key or f"client {x.client}", x.key, limits, pin)
@@ -500,12 +505,14 @@ class Proxy:
 
     async def _attempts(self, x: Exchange, decision: Decision) -> HTTPResponse | None:
         """Up to max_attempts agents, in the router's order (or, for a generation, whichever has a free slot
-        first), failing over before the first byte."""
+        first), failing over before the first byte. A generation that an agent's Ollama answered "busy" never
+        started: it waits for a slot again (at most BUSY_RETRIES times) instead of using up an attempt."""
         last_error: tuple[AgentRecord, Answer] | None = None
         remaining = list(decision.order)
         n = min(self.max_attempts, len(remaining))
-        p = x.admitted
-        for i in range(n):
+        p = x.admitted if x.ep.generates else None
+        i = busy_retries = 0
+        while i < n:
             if p is None:
                 agent: AgentRecord | None = remaining[0]
             else:
@@ -517,33 +524,44 @@ class Proxy:
                 finally:
                     x.waited += p.waited - before  # time in the queue is not time the controller adds
                 agent = next((a for a in remaining if a.node_id == node), None) or self.registry.agents.get(node)
-            x.attempts = i + 1
+            x.attempts += 1
             if agent is None:  # granted a slot on an agent deleted while the request waited
                 assert p is not None
                 self.admission.done(p, node, ok=False)
+                x.failures.append(f"{node}: left the registry")
+                i += 1
                 continue
-            remaining = [a for a in remaining if a is not agent]
             x.agent = agent.node_id
             x.trace.attempt(agent)
-            ok = busy = False
+            ok = busy = again = False
             try:
                 out = await self._attempt(x, agent, last=i == n - 1)
                 ok = x.error is None
                 return out
             except _Failed as f:
-                busy = f.answer is not None and f.answer.status == 503
-                x.trace.failover(f.why, f.answer.status if f.answer is not None else None)
-                x.failures.append(f"{agent.node_id}: {f.why}")
+                busy = p is not None and f.answer is not None and f.answer.status == 503
+                again = busy and busy_retries < BUSY_RETRIES
+                why = f.why + ("; waiting for a slot again" if again else "")
+                x.trace.failover(why, f.answer.status if f.answer is not None else None)
+                x.failures.append(f"{agent.node_id}: {why}")
                 x.failover = "; ".join(x.failures)[:ERROR_TEXT_MAX]
+                if again:
+                    busy_retries += 1
+                    continue
+                remaining = [a for a in remaining if a is not agent]
+                i += 1
                 if f.cool:
                     self.router.failed(agent.node_id)
                 if f.answer is not None:
                     last_error = (agent, f.answer)
                 log.info("request %s: %s failed before the first byte (%s)%s", x.rid, agent.node_id, f.why,
-                         "; trying the next agent" if i + 1 < n else "")
+                         "; trying the next agent" if i < n else "")
             finally:
                 if p is not None:
                     self.admission.done(p, agent.node_id, ok, x.load_ns / 1e9 if x.load_ns else None, busy)
+            if again and self.admission.sched.free(agent.node_id) > 0:
+                # Ollama is busy with work that is not ours: an immediate retry would meet the same answer
+                await asyncio.sleep(BUSY_BACKOFF * busy_retries)
         x.error = x.failover
         x.reason = "upstream_status" if last_error is not None else "upstream"
         if last_error is not None:  # the upstream's own answer, as is

@@ -71,11 +71,12 @@ class Ingest:
 
     async def run(self) -> None:
         attempt = 0
+        brokers = fmqtt.Brokers(self.cfg)  # mqtt_url's nodes in turn (docs/scaling.md)
         while True:
             will = aiomqtt.Will(self.topics.controller_status, self._status(False), qos=1, retain=True)
             try:
                 # the broker replaces this id by the account's name (use_username_as_clientid, broker/)
-                kwargs = fmqtt.client_kwargs(self.cfg, f"fleet-controller-{self.instance[:12]}", will)
+                kwargs = brokers.client_kwargs(f"fleet-controller-{self.instance[:12]}", will)
                 async with aiomqtt.Client(**kwargs) as client:
                     # the fast path first: retained snapshots that follow the SUBACK must not wait in
                     # aiomqtt's queue while newer messages overtake them on the fast path
@@ -85,8 +86,9 @@ class Ingest:
                     # announce after subscribing: agents answer with births we must not miss
                     await client.publish(self.topics.controller_status, self._status(True), qos=1, retain=True)
                     self.client, attempt = client, 0
+                    brokers.connected()
                     self.connected.set()
-                    log.info("ingest connected to %r", fmqtt.BrokerAddress.from_config(self.cfg))
+                    log.info("ingest connected to %r", brokers.current)
                     async for message in client.messages:  # only raises on disconnect now
                         self.handle(str(message.topic), message.payload)
             except aiomqtt.MqttError as e:
@@ -96,8 +98,9 @@ class Ingest:
             finally:
                 self.client = None
                 self.connected.clear()
-            await asyncio.sleep(fmqtt.backoff(attempt))
-            attempt += 1
+            if brokers.failed():  # the next node at once; a backoff only once every node failed in a row
+                await asyncio.sleep(fmqtt.backoff(attempt))
+                attempt += 1
 
     async def stop(self) -> None:
         """Say goodbye on the status topic (the will only fires on an unclean loss)."""

@@ -1,0 +1,200 @@
+"""A broker that survives a node loss: a three-node NATS cluster (JetStream, MQTT 3.1.1), the controller and
+two agents as real processes, each given every node's URL in `mqtt_url`, each list starting at a different
+node. Killing a node under proxied traffic must cost neither routing nor the retained topic tree.
+
+docs/scaling.md ("Clustered broker") quotes the figures this test prints.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fake_ollama import start_fake_ollama
+from tests.nats_cluster import NatsCluster, NatsMissing, start_nats_cluster
+from tests.proxy_support import chat_body, wait_routable
+from tests.support import TEST_HEARTBEAT, AgentProc, Controller, wait_until
+
+AGENTS = ("gpu-a", "gpu-b")
+STALE_AFTER = 3.0  # heartbeats (the controller's default): an agent unheard for 1.5 s here is stale
+STALE_BOUND = STALE_AFTER * TEST_HEARTBEAT
+RECONNECT_DEADLINE = 10.0  # seconds from the kill until every client is back on a live node
+PROTOCOL = {"FLEET_MQTT_PROTOCOL": "311"}  # NATS 2.9 speaks MQTT 3.1.1 only
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    try:
+        c = start_nats_cluster(tmp_path / "nats")
+    except NatsMissing as e:
+        pytest.skip(str(e))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+class Fleet:
+    """Controllers, agents and fake Ollamas on the cluster; everything stops at teardown."""
+
+    def __init__(self, tmp: Path, cluster: NatsCluster) -> None:
+        self.tmp, self.cluster = tmp, cluster
+        self.procs: list[Any] = []
+
+    def controller(self, first: int, name: str) -> Controller:
+        data = self.tmp / name  # its own database: a fresh one knows the fleet only from the broker
+        data.mkdir()
+        c = Controller(data, self.cluster.url("controller", first), {**PROTOCOL}, wait=False)
+        self.procs.append(c)
+        c.wait_ready()
+        return c
+
+    def agent(self, node: str, first: int) -> AgentProc:
+        fake = start_fake_ollama(name=node)
+        self.procs.append(fake)
+        self.cluster.add_user(node)
+        a = AgentProc(self.tmp, node, self.cluster.url(node, first), fake.url, {**PROTOCOL})
+        self.procs.append(a)
+        return a
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            try:
+                p.close() if hasattr(p, "close") else p.stop()
+            except Exception:
+                pass
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, cluster: NatsCluster) -> Iterator[Fleet]:
+    f = Fleet(tmp_path, cluster)
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+class Watch:
+    """Background load and observation while nodes die: proxied chats back to back, and each agent's
+    routability as the controller reports it, both with timestamps."""
+
+    PACE = 0.05  # seconds between looks (and between requests): load, not a stress test
+
+    def __init__(self, c: Controller) -> None:
+        self.url = c.url
+        self.requests: list[tuple[float, int]] = []  # (time, status; 0 = no answer)
+        self.routable: list[tuple[float, dict[str, bool]]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._chat, daemon=True),
+                         threading.Thread(target=self._look, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _chat(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10, trust_env=False) as http:
+            while not self._stop.wait(self.PACE):
+                try:
+                    status = http.post("/api/chat", json=chat_body()).status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.requests.append((time.monotonic(), status))
+
+    def _look(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10, trust_env=False) as http:
+            while not self._stop.wait(self.PACE):
+                try:
+                    agents = {a["id"]: a["routable"] for a in http.get("/api/agents").json()["agents"]}
+                except (httpx.HTTPError, ValueError, KeyError):
+                    continue
+                self.routable.append((time.monotonic(), agents))
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)
+
+    def failed_since(self, t0: float) -> tuple[int, int]:
+        after = [s for t, s in self.requests if t >= t0]
+        return sum(s != 200 for s in after), len(after)
+
+    def ok_after(self, t0: float) -> int:
+        return sum(s == 200 for t, s in self.requests if t >= t0)
+
+    def longest_unroutable(self, node: str) -> float:
+        """The longest stretch the controller reported `node` unroutable (or missing)."""
+        longest, since = 0.0, None
+        for t, agents in self.routable:
+            if not agents.get(node):
+                since = t if since is None else since
+                longest = max(longest, t - since)
+            else:
+                since = None
+        return longest
+
+
+def _back_on_live_nodes(cluster: NatsCluster, users: dict[str, int], t0: float) -> float:
+    """Wait until each user holds its count of MQTT connections on live nodes; seconds since t0."""
+    wait_until(lambda: all(len(cluster.where(u)) == n for u, n in users.items()), RECONNECT_DEADLINE,
+               what=f"{users} reconnected to the surviving nodes")
+    return time.monotonic() - t0
+
+
+def test_fleet_survives_the_loss_of_a_broker_node(cluster: NatsCluster, fleet: Fleet) -> None:
+    c = fleet.controller(first=0, name="controller-1")
+    fleet.agent("gpu-a", first=1)
+    fleet.agent("gpu-b", first=2)
+    wait_routable(c, *AGENTS)
+    assert cluster.where("controller") == [0] and cluster.where("gpu-a") == [1] and cluster.where("gpu-b") == [2]
+    r = c.http.post("/api/chat", json=chat_body())
+    assert r.status_code == 200 and r.headers["x-fleet-agent"] in AGENTS, r.text
+
+    watch = Watch(c)
+    try:
+        wait_until(lambda: watch.ok_after(0) >= 5, 10, what="traffic flowing before the kill")
+
+        # 1. The controller's node dies: it moves to the next node of its list; agents stay routable.
+        t_kill1 = time.monotonic()
+        cluster.kill(0)
+        controller_back = _back_on_live_nodes(cluster, {"controller": 1}, t_kill1)
+        assert cluster.where("controller") == [1]  # the next node of its list
+        wait_until(lambda: c.http.get("/healthz").status_code == 200, 10, what="controller healthy again")
+        wait_routable(c, *AGENTS, timeout=10)
+        t_healed1 = time.monotonic()
+        wait_until(lambda: watch.ok_after(t_healed1) >= 5, 10, what="requests served after the first kill")
+
+        # 2. A controller started now, with an empty database and its list starting at the dead node,
+        # builds the whole registry from the retained topic tree that survived on the other nodes.
+        t_new = time.monotonic()
+        c2 = fleet.controller(first=0, name="controller-2")
+        wait_routable(c2, *AGENTS, timeout=10)
+        rebuilt = time.monotonic() - t_new
+        assert {a["id"]: a["status"] for a in c2.agents().values()} == {n: "online" for n in AGENTS}
+        assert c2.http.post("/api/chat", json=chat_body()).status_code == 200
+
+        # 3. The dead node comes back and rejoins; then the node of gpu-a and both controllers dies.
+        cluster.restart(0)
+        t_kill2 = time.monotonic()
+        cluster.kill(1)
+        agent_back = _back_on_live_nodes(cluster, {"controller": 2, "gpu-a": 1}, t_kill2)
+        assert cluster.where("gpu-a") == [2]  # the list of gpu-a is n2, n3, n1
+        wait_routable(c, *AGENTS, timeout=10)
+        wait_routable(c2, *AGENTS, timeout=10)
+        t_healed2 = time.monotonic()
+        wait_until(lambda: watch.ok_after(t_healed2) >= 5, 10, what="requests served after the second kill")
+    finally:
+        watch.stop()
+
+    failed1, total1 = watch.failed_since(t_kill1)
+    gaps = {n: watch.longest_unroutable(n) for n in AGENTS}
+    print(f"\nbroker-cluster drill: controller back on a live node {controller_back:.2f} s after its node died; "
+          f"gpu-a (and both controllers) back {agent_back:.2f} s after theirs; a fresh controller rebuilt the "
+          f"registry in {rebuilt:.2f} s; longest unroutable stretch {max(gaps.values()):.2f} s; "
+          f"{failed1} of {total1} proxied requests failed from the first kill on")
+    assert all(gap < STALE_BOUND for gap in gaps.values()), gaps
+    assert failed1 == 0, watch.requests
