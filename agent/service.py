@@ -134,8 +134,7 @@ class Agent:
         self.session = new_session()
         state_topic = self.topics.node(self.node_id, "state")
         will = aiomqtt.Will(state_topic, encode(state_payload("lost", self.session)), qos=1, retain=True)
-        kwargs = self.brokers.client_kwargs(f"fleet-agent-{self.node_id}", will)
-        async with aiomqtt.Client(**kwargs) as client:
+        async with self.brokers.client(f"fleet-agent-{self.node_id}", will) as client:
             self.brokers.connected()
             self.client = client
             self.outbox.attach(client.publish, self.session)

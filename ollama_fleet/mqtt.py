@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from ollama_fleet.settings import Config, ConfigError
 
@@ -108,8 +109,9 @@ class Brokers:
     def current(self) -> BrokerAddress:
         return self.addresses[self.index]
 
-    def client_kwargs(self, identifier: str, will: aiomqtt.Will | None = None) -> dict[str, Any]:
-        return client_kwargs(self.cfg, identifier, will, self.current)
+    def client(self, identifier: str, will: aiomqtt.Will | None = None) -> Client:
+        """A client for the current broker, to use as `async with`."""
+        return Client(**client_kwargs(self.cfg, identifier, will, self.current))
 
     def connected(self) -> None:
         """The current broker took us: the next failure starts a new round from it."""
@@ -125,6 +127,21 @@ class Brokers:
             return False
         self._failures = 0
         return True
+
+
+class Client(aiomqtt.Client):
+    """aiomqtt's client, except that a broker hanging up before its CONNACK fails the attempt at once.
+
+    aiomqtt 2.x ignores that disconnect and waits out its whole timeout (10 s here). A node of a clustered
+    broker hangs up like that while it cannot load the session (NATS, while the session stream elects a
+    new leader after another node died): the next node of mqtt_url is worth trying now."""
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
+                       reason_code: ReasonCode, properties: Properties | None = None) -> None:
+        if not self._connected.done():  # awaited by __aenter__, so the exception is always retrieved
+            self._connected.set_exception(aiomqtt.MqttCodeError(reason_code, "disconnected before CONNACK"))
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
 
 def protocol(cfg: Config) -> aiomqtt.ProtocolVersion:

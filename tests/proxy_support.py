@@ -138,3 +138,40 @@ def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
         assert data["type"] == m.group(1)
         out.append((m.group(1), data))
     return out
+
+
+# ---- admission control: the queue seen through /api/queue, keys made with `fleet keys` ----
+ADMIN = "adm1n-token-for-admission"
+
+
+def queue(c: Controller) -> dict[str, Any]:
+    r = c.api.get("/api/queue")
+    assert r.status_code == 200, r.text
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def depth(c: Controller, model: str = "llama3.2:latest") -> int:
+    return next((m["depth"] for m in queue(c)["models"] if m["model"] == model), 0)
+
+
+def busy(c: Controller, node: str) -> int:
+    return next(a["busy"] for a in queue(c)["agents"] if a["id"] == node)
+
+
+def post(c: Controller, path: str, body: dict[str, Any], headers: dict[str, str] | None = None,
+         timeout: float = 60.0) -> httpx.Response:
+    with httpx.Client(base_url=c.url, timeout=timeout, trust_env=False) as client:
+        r = client.post(path, json=body, headers=headers or {})
+        r.read()
+        return r
+
+
+def add_key(fleet: Any, name: str, *flags: str) -> str:
+    added = fleet_cli("keys", "add", name, *flags, "--data-dir", str(fleet.tmp))
+    assert added.returncode == 0, added.stderr
+    return added.stdout.strip()
+
+
+def bearer_auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

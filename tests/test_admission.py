@@ -4,18 +4,27 @@ answer, warm or cold. The scheduler's own decisions are unit-tested in tests/tes
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
-from tests.proxy_support import chat_body, fleet_cli, start_fleet, wait_routable
+from tests.proxy_support import (
+    ADMIN,
+    add_key,
+    bearer_auth,
+    busy,
+    chat_body,
+    depth,
+    post,
+    queue,
+    start_fleet,
+    wait_routable,
+)
 from tests.support import Controller, wait_until
 
 LLAMA = "llama3.2:latest"
-ADMIN = "adm1n-token-for-admission"
 
 BODIES: dict[str, dict[str, Any]] = {  # one generation per API family, streamed and not
     "/api/chat": chat_body(stream=True),
@@ -26,29 +35,6 @@ BODIES: dict[str, dict[str, Any]] = {  # one generation per API family, streamed
     "/v1/messages": {"model": "llama3.2", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}],
                      "stream": True},
 }
-
-
-def queue(c: Controller) -> dict[str, Any]:
-    r = c.api.get("/api/queue")
-    assert r.status_code == 200, r.text
-    doc: dict[str, Any] = r.json()
-    return doc
-
-
-def depth(c: Controller, model: str = LLAMA) -> int:
-    return next((m["depth"] for m in queue(c)["models"] if m["model"] == model), 0)
-
-
-def busy(c: Controller, node: str) -> int:
-    return next(a["busy"] for a in queue(c)["agents"] if a["id"] == node)
-
-
-def post(c: Controller, path: str, body: dict[str, Any], headers: dict[str, str] | None = None,
-         timeout: float = 60.0) -> httpx.Response:
-    with httpx.Client(base_url=c.url, timeout=timeout, trust_env=False) as client:
-        r = client.post(path, json=body, headers=headers or {})
-        r.read()
-        return r
 
 
 def test_no_agent_gets_more_generations_than_its_capacity_and_the_rest_wait(fleet):
@@ -155,32 +141,22 @@ def test_priorities_order_the_queue(fleet):
     assert bad.status_code == 400 and "x-fleet-priority" in bad.json()["error"]["message"]
 
 
-def _key(fleet: Any, name: str, *flags: str) -> str:
-    added = fleet_cli("keys", "add", name, *flags, "--data-dir", str(fleet.tmp))
-    assert added.returncode == 0, added.stderr
-    return added.stdout.strip()
-
-
-def _auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 def test_keys_take_turns_and_a_keys_priority_ceiling_holds(fleet):
     c, fake = _one_slot_blocked(fleet, "fa-a", fleet_admin_token=ADMIN)
-    noisy, calm = _key(fleet, "noisy"), _key(fleet, "calm")
-    quiet = _key(fleet, "quiet", "--max-priority", "low")
+    noisy, calm = add_key(fleet, "noisy"), add_key(fleet, "calm")
+    quiet = add_key(fleet, "quiet", "--max-priority", "low")
     wait_until(lambda: post(c, "/api/chat", chat_body()).status_code == 401, 10, what="keys in force")
     fake.set_config(initial_delay=3.0)
-    requests = [("noisy", _auth(noisy))] * 6 + [("calm", _auth(calm))] * 2
+    requests = [("noisy", bearer_auth(noisy))] * 6 + [("calm", bearer_auth(calm))] * 2
     with ThreadPoolExecutor(12) as pool:
-        done = _drain_in_order(c, fake, "fa-a", requests, pool, _auth(noisy))
+        done = _drain_in_order(c, fake, "fa-a", requests, pool, bearer_auth(noisy))
     assert done[:4] == ["noisy", "calm", "noisy", "calm"], done  # turns, not arrival order
     # the ceiling: "high" from a key capped at low waits as low (seen in the queue's tiers)
     fake.set_config(initial_delay=1.0)
     with ThreadPoolExecutor(2) as pool:
-        blocker = pool.submit(post, c, "/api/chat", chat_body(), _auth(noisy))
+        blocker = pool.submit(post, c, "/api/chat", chat_body(), bearer_auth(noisy))
         wait_until(lambda: busy(c, "fa-a") == 1, 10, what="slot taken")
-        capped = pool.submit(post, c, "/api/chat", chat_body(), {**_auth(quiet), "X-Fleet-Priority": "high"})
+        capped = pool.submit(post, c, "/api/chat", chat_body(), {**bearer_auth(quiet), "X-Fleet-Priority": "high"})
         wait_until(lambda: depth(c) == 1, 10, what="queued")
         (m,) = queue(c)["models"]
         assert m["by_tier"] == {"high": 0, "normal": 0, "low": 1}
@@ -189,33 +165,34 @@ def test_keys_take_turns_and_a_keys_priority_ceiling_holds(fleet):
 
 def test_per_key_limits_answer_429_with_retry_after(fleet):
     c, fakes = start_fleet(fleet, "kl-a", controller_env={"fleet_admin_token": ADMIN}, tokens=3, token_delay=0.5)
-    rpm, one, tpm = _key(fleet, "rpm", "--rpm", "2"), _key(fleet, "one", "--max-concurrent", "1"), \
-        _key(fleet, "tpm", "--tpm", "3")
+    rpm, one, tpm = add_key(fleet, "rpm", "--rpm", "2"), add_key(fleet, "one", "--max-concurrent", "1"), \
+        add_key(fleet, "tpm", "--tpm", "3")
     wait_until(lambda: post(c, "/api/chat", chat_body()).status_code == 401, 10, what="keys in force")
     fakes["kl-a"].set_config(token_delay=0.0)
-    assert [post(c, "/api/generate", BODIES["/api/generate"], _auth(rpm)).status_code for _ in range(2)] == [200] * 2
-    over = post(c, "/v1/chat/completions", chat_body(), _auth(rpm))
+    gen = BODIES["/api/generate"]
+    assert [post(c, "/api/generate", gen, bearer_auth(rpm)).status_code for _ in range(2)] == [200] * 2
+    over = post(c, "/v1/chat/completions", chat_body(), bearer_auth(rpm))
     assert over.status_code == 429 and 1 <= int(over.headers["retry-after"]) <= 60
     assert over.json()["error"]["message"] and "minute" in over.json()["error"]["message"]
     anthropic = post(c, "/v1/messages", BODIES["/v1/messages"], {"x-api-key": rpm})
     assert anthropic.status_code == 429 and anthropic.json()["error"]["type"] == "rate_limit_error"
 
-    first = post(c, "/api/generate", BODIES["/api/generate"], _auth(tpm))  # 3 tokens out + the prompt's
+    first = post(c, "/api/generate", BODIES["/api/generate"], bearer_auth(tpm))  # 3 tokens out + the prompt's
     assert first.status_code == 200 and first.json()["eval_count"] >= 3
-    again = post(c, "/api/generate", BODIES["/api/generate"], _auth(tpm))
+    again = post(c, "/api/generate", BODIES["/api/generate"], bearer_auth(tpm))
     assert again.status_code == 429 and int(again.headers["retry-after"]) >= 1 and "token" in again.text
 
     fakes["kl-a"].set_config(token_delay=1.0)
     with ThreadPoolExecutor(1) as pool:
-        held = pool.submit(post, c, "/api/chat", chat_body(), _auth(one))
+        held = pool.submit(post, c, "/api/chat", chat_body(), bearer_auth(one))
         wait_until(lambda: busy(c, "kl-a") == 1, 10, what="the key's request running")
-        second = post(c, "/api/chat", chat_body(), _auth(one))
+        second = post(c, "/api/chat", chat_body(), bearer_auth(one))
         assert second.status_code == 429 and second.headers["retry-after"] == "1"
         assert held.result().status_code == 200
-    assert post(c, "/api/chat", chat_body(), _auth(one)).status_code == 200  # the key's count went back down
-    assert post(c, "/api/show", {"model": "llama3.2"}, _auth(one)).status_code == 200  # no slot, but metered
+    assert post(c, "/api/chat", chat_body(), bearer_auth(one)).status_code == 200  # the key's count went back down
+    assert post(c, "/api/show", {"model": "llama3.2"}, bearer_auth(one)).status_code == 200  # no slot, but metered
     embed = {"model": "llama3.2", "input": "hi"}
-    assert post(c, "/api/embed", embed, _auth(rpm)).status_code == 429  # every request of the key counts
+    assert post(c, "/api/embed", embed, bearer_auth(rpm)).status_code == 429  # every request of the key counts
     rows = c.api.get("/api/requests", params={"status": "429"}).json()["requests"]
     assert {r["key"] for r in rows} == {"rpm", "tpm", "one"}
 
@@ -265,7 +242,7 @@ def test_warm_or_cold_is_decided_from_measured_times_and_said_in_the_route_reaso
         assert "warm wait for wc-warm" in second.headers["x-fleet-route-reason"]
         assert int(second.headers["x-fleet-queue-wait"]) > 0
         assert held.result().status_code == 200
-    assert json.loads(json.dumps(queue(c)))["waiting"] == 0
+    assert queue(c)["waiting"] == 0
 
 
 def test_aging_lets_a_long_waiting_low_request_pass_fresh_high_ones(fleet):

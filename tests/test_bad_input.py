@@ -22,7 +22,8 @@ HOSTILE_VALUES = ["99999999999999999999999999", "-99999999999999999999999999", "
                   "2024-13-45", "9999-12-31T23:59:59", "0x10", "1_000", "٣"]
 RAW_VALUES = ["%FF", "%ED%A0%80", "%C0%80", "%00%00", "a&a=b", "x[]=1"]
 PAGING = ["page", "per_page", "offset", "limit", "before", "since", "until"]
-REQUEST_FILTERS = ["model", "agent", "endpoint", "client", "status", "since", "until", "export", "period"]
+REQUEST_FILTERS = ["model", "agent", "endpoint", "client", "status", "since", "until", "export", "period",
+                   "priority"]
 # Every GET route (path parameters filled in) with the query parameters its handler reads, plus the paging
 # names everywhere (an ignored parameter must stay ignored).
 GET_ROUTES: dict[str, list[str]] = {

@@ -114,6 +114,12 @@ def test_requests_filters_pagination_detail_and_export(fleet, page):
     expect(page.locator(".facts")).to_contain_text("llama3.2:latest")
     expect(page.locator(".facts")).to_contain_text("req-a")
 
+    page.goto(c.url + "/dashboard/requests")
+    page.get_by_label("Priority", exact=True).select_option("normal")  # the generations' tier; 404s had none
+    expect(page.locator("#req-summary")).to_contain_text("30 requests")
+    page.get_by_label("Priority", exact=True).select_option("high")
+    expect(rows).to_have_count(0)
+
     page.goto(c.url + "/dashboard/requests/ffffffffffffffff")
     expect(page.locator("h1")).to_have_text("Request not found")
     assert not page.js_errors, page.js_errors

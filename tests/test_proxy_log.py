@@ -8,9 +8,19 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.proxy_support import chat_body, db_rows, start_fleet, wait_routable
+from tests.proxy_support import (
+    ADMIN,
+    add_key,
+    bearer_auth,
+    busy,
+    chat_body,
+    db_rows,
+    depth,
+    post,
+    start_fleet,
+    wait_routable,
+)
 from tests.support import wait_until
-from tests.test_admission import ADMIN, _auth, _key, busy, depth, post
 
 
 def _log(c, **params):
@@ -129,7 +139,7 @@ def test_queue_wait_and_priority_are_recorded_shown_and_filtered(fleet):
     at `low` is logged at its ceiling; an embedding (metered under its key, never queued) has no priority."""
     c, fakes = start_fleet(fleet, "qlog-a", controller_env={"fleet_admin_token": ADMIN}, tokens=1,
                            initial_delay=1.0)
-    key, capped = _auth(_key(fleet, "ql")), _auth(_key(fleet, "ql-low", "--max-priority", "low"))
+    key, capped = bearer_auth(add_key(fleet, "ql")), bearer_auth(add_key(fleet, "ql-low", "--max-priority", "low"))
     wait_routable(c, "qlog-a", models=("llama3.2:latest", "all-minilm:latest"))
     # probed with a request that is no generation: the probe's own rows have no priority
     wait_until(lambda: post(c, "/api/show", {"model": "llama3.2"}).status_code == 401, 10, what="keys in force")

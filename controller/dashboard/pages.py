@@ -17,6 +17,7 @@ from sanic.response import HTTPResponse, html, json, raw, redirect
 
 from ollama_fleet import __version__
 
+from ollama_fleet.controller.admission import priority
 from ollama_fleet.controller.compose import Fleet, fleet_of
 from ollama_fleet.controller.edge import access
 from ollama_fleet.controller.dashboard import login as auth_web
@@ -130,9 +131,12 @@ async def models(request: Request) -> HTTPResponse:
 @access.login_required
 async def requests_page(request: Request) -> HTTPResponse:
     fleet = fleet_of(request)
-    args = {k: (request.args.get(k) or "").strip() for k in ("model", "agent", "endpoint", "status", "period")}
+    args = {k: (request.args.get(k) or "").strip()
+            for k in ("model", "agent", "endpoint", "status", "priority", "period")}
     if args["status"] not in REQUEST_STATUS:
         args["status"] = ""
+    if args["priority"] not in priority.TIERS:
+        args["priority"] = ""
     if args["period"] not in PERIODS:
         args["period"] = ""
     query = {k: v for k, v in args.items() if v and k != "period"}
@@ -153,7 +157,7 @@ async def requests_page(request: Request) -> HTTPResponse:
     keep = {**{k: v for k, v in args.items() if v}, "per_page": str(per_page)}
     return await page(request, "requests.html", "requests", _stream_url("pulse"), args=args, result=result,
                       error=error, per_page=per_page, sizes=requestlog.PAGE_SIZES, periods=list(PERIODS),
-                      statuses=REQUEST_STATUS, page_href=lambda n: "?" + urlencode({**keep, "page": n}),
+                      statuses=REQUEST_STATUS, tiers=priority.TIERS, page_href=lambda n: "?" + urlencode({**keep, "page": n}),
                       export=urlencode(query), agents=sorted(fleet.registry.agents))
 
 

@@ -76,8 +76,7 @@ class Ingest:
             will = aiomqtt.Will(self.topics.controller_status, self._status(False), qos=1, retain=True)
             try:
                 # the broker replaces this id by the account's name (use_username_as_clientid, broker/)
-                kwargs = brokers.client_kwargs(f"fleet-controller-{self.instance[:12]}", will)
-                async with aiomqtt.Client(**kwargs) as client:
+                async with brokers.client(f"fleet-controller-{self.instance[:12]}", will) as client:
                     # the fast path first: retained snapshots that follow the SUBACK must not wait in
                     # aiomqtt's queue while newer messages overtake them on the fast path
                     fmqtt.direct_dispatch(client, self.handle)
