@@ -130,11 +130,21 @@ class Brokers:
 
 
 class Client(aiomqtt.Client):
-    """aiomqtt's client, except that a broker hanging up before its CONNACK fails the attempt at once.
+    """aiomqtt's client, failing two things it lets pass, so that the connect loop moves on instead:
 
-    aiomqtt 2.x ignores that disconnect and waits out its whole timeout (10 s here). A node of a clustered
-    broker hangs up like that while it cannot load the session (NATS, while the session stream elects a
-    new leader after another node died): the next node of mqtt_url is worth trying now."""
+    - a broker hanging up before its CONNACK: aiomqtt 2.x ignores that disconnect and waits out its whole
+      timeout (10 s here). A node of a clustered broker hangs up like that while it cannot load the
+      session (NATS, while the session stream elects a new leader after another node died);
+    - a refused subscription (SUBACK 0x80 and up): aiomqtt returns the codes, and a connection whose
+      subscription failed hears nothing while it looks healthy (NATS refuses a QoS 1 subscription while
+      it cannot create its JetStream consumer)."""
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> tuple[int, ...] | list[ReasonCode]:
+        granted = await super().subscribe(*args, **kwargs)
+        refused = [rc for rc in granted if (rc.is_failure if isinstance(rc, ReasonCode) else rc >= 0x80)]
+        if refused:
+            raise aiomqtt.MqttCodeError(refused[0], f"subscription to {args[0] if args else kwargs.get('topic')!r} refused")
+        return granted
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
                        reason_code: ReasonCode, properties: Properties | None = None) -> None:

@@ -279,10 +279,10 @@ system_account: SYS
     def node_url(self, node: NatsNode, user: str) -> str:
         return f"mqtt://{quote(user, safe='')}:{quote(self.passwords[user], safe='')}@{HOST}:{node.mqtt_port}"
 
-    def url(self, user: str, first: int = 0) -> str:
-        """mqtt_url for `user`: every node, starting at node `first` (spreads clients over the nodes)."""
-        order = self.nodes[first:] + self.nodes[:first]
-        return ",".join(self.node_url(n, user) for n in order)
+    def url(self, user: str, order: Iterable[int] | None = None) -> str:
+        """mqtt_url for `user`: every node, in the given order of node indexes (default: 0, 1, 2)."""
+        indexes = range(len(self.nodes)) if order is None else order
+        return ",".join(self.node_url(self.nodes[i], user) for i in indexes)
 
     def where(self, user: str) -> list[int]:
         """Indexes of the live nodes `user` has an MQTT connection on (one per connection)."""

@@ -506,7 +506,8 @@ class Proxy:
     async def _attempts(self, x: Exchange, decision: Decision) -> HTTPResponse | None:
         """Up to max_attempts agents, in the router's order (or, for a generation, whichever has a free slot
         first), failing over before the first byte. A generation that an agent's Ollama answered "busy" never
-        started: it waits for a slot again (at most BUSY_RETRIES times) instead of using up an attempt."""
+        started: it waits for a slot again (at most BUSY_RETRIES times, that agent last) instead of using up an
+        attempt."""
         last_error: tuple[AgentRecord, Answer] | None = None
         remaining = list(decision.order)
         n = min(self.max_attempts, len(remaining))
@@ -545,8 +546,9 @@ class Proxy:
                 x.trace.failover(why, f.answer.status if f.answer is not None else None)
                 x.failures.append(f"{agent.node_id}: {why}")
                 x.failover = "; ".join(x.failures)[:ERROR_TEXT_MAX]
-                if again:
+                if again:  # tried again last: an agent with a free slot goes first
                     busy_retries += 1
+                    remaining = [a for a in remaining if a is not agent] + [agent]
                     continue
                 remaining = [a for a in remaining if a is not agent]
                 i += 1
@@ -559,8 +561,10 @@ class Proxy:
             finally:
                 if p is not None:
                     self.admission.done(p, agent.node_id, ok, x.load_ns / 1e9 if x.load_ns else None, busy)
-            if again and self.admission.sched.free(agent.node_id) > 0:
-                # Ollama is busy with work that is not ours: an immediate retry would meet the same answer
+            if again and all(self.admission.sched.free(a.node_id) <= 0 for a in remaining[:-1]) \
+                    and self.admission.sched.free(agent.node_id) > 0:
+                # Ollama is busy with work that is not ours and no other agent is free: an immediate retry
+                # would meet the same answer
                 await asyncio.sleep(BUSY_BACKOFF * busy_retries)
         x.error = x.failover
         x.reason = "upstream_status" if last_error is not None else "upstream"
