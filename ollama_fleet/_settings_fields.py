@@ -93,7 +93,7 @@ class SettingsFields:
     # Days of request log kept.
     request_log_retention_days: float = 7.0
     # Requests that may wait per model when every agent that serves it is at capacity (its
-    # `ollama_num_parallel`); beyond it a 503 with Retry-After.
+    # `ollama_num_parallel`); beyond it a 503 with Retry-After. 0: no queue.
     max_queue: int = 256
     # Seconds a request may wait in its model's queue before a 503 with Retry-After.
     max_queue_wait: float = 60.0

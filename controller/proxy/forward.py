@@ -546,14 +546,14 @@ class Proxy:
                 x.trace.failover(why, f.answer.status if f.answer is not None else None)
                 x.failures.append(f"{agent.node_id}: {why}")
                 x.failover = "; ".join(x.failures)[:ERROR_TEXT_MAX]
+                if f.cool:  # later requests try it last for a while (a busy one too)
+                    self.router.failed(agent.node_id)
                 if again:  # tried again last: an agent with a free slot goes first
                     busy_retries += 1
                     remaining = [a for a in remaining if a is not agent] + [agent]
                     continue
                 remaining = [a for a in remaining if a is not agent]
                 i += 1
-                if f.cool:
-                    self.router.failed(agent.node_id)
                 if f.answer is not None:
                     last_error = (agent, f.answer)
                 log.info("request %s: %s failed before the first byte (%s)%s", x.rid, agent.node_id, f.why,
