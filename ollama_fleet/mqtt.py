@@ -143,7 +143,8 @@ class Client(aiomqtt.Client):
         granted = await super().subscribe(*args, **kwargs)
         refused = [rc for rc in granted if (rc.is_failure if isinstance(rc, ReasonCode) else rc >= 0x80)]
         if refused:
-            raise aiomqtt.MqttCodeError(refused[0], f"subscription to {args[0] if args else kwargs.get('topic')!r} refused")
+            topic = args[0] if args else kwargs.get("topic")
+            raise aiomqtt.MqttError(f"subscription to {topic!r} refused: {refused[0]}")
         return granted
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,

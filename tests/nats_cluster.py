@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -25,7 +26,7 @@ from typing import IO
 from urllib.parse import quote
 
 from ollama_fleet.broker.local import free_loopback_port
-from tests.mosquitto import CONNACK_ACCEPTED, DEFAULT_USERS, SHIPPED_ACL, mqtt_connect_rc
+from tests.mosquitto import CONNACK_ACCEPTED, DEFAULT_USERS, SHIPPED_ACL, connect_packet, mqtt_connect_rc
 
 HOST = "127.0.0.1"
 CLUSTER = "fleet"
@@ -39,14 +40,39 @@ class NatsMissing(RuntimeError):
     pass
 
 
+def _read(s: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        data += chunk
+    return data
+
+
+def qos1_subscribe_ok(port: int, user: str, password: str, topic: str = "fleet/v1/controller/status") -> bool:
+    """One raw MQTT 3.1.1 session: CONNECT, then a QoS 1 SUBSCRIBE granted QoS 1. On NATS that needs the
+    JetStream session stream and a new consumer: the cluster is usable for our clients, not just up."""
+    with socket.create_connection((HOST, port), timeout=5) as s:
+        s.sendall(connect_packet(user, password))
+        if _read(s, 4) != b"\x20\x02\x00\x00":  # CONNACK, accepted
+            return False
+        name = topic.encode()
+        body = (1).to_bytes(2, "big") + len(name).to_bytes(2, "big") + name + b"\x01"
+        s.sendall(bytes([0x82, len(body)]) + body)
+        granted = _read(s, 5) == b"\x90\x03\x00\x01\x01"  # SUBACK for packet 1: QoS 1
+        s.sendall(b"\xe0\x00")  # DISCONNECT: no will
+        return granted
+
+
 def find_nats_server() -> str | None:
     return os.environ.get("FLEET_NATS_BIN") or shutil.which("nats-server") or (
         "/usr/sbin/nats-server" if os.access("/usr/sbin/nats-server", os.X_OK) else None)
 
 
 def topic_subjects(topic: str) -> list[str]:
-    """The NATS subjects an MQTT topic filter covers (`#` also matches its parent level; `.` in a level
-    is `//` in NATS)."""
+    """The NATS subjects an MQTT topic filter covers (`#` also matches its parent level; a `.` would be
+    `//` in the NATS releases that accept it, 2.9.10 does not: docs/scaling.md)."""
     levels = ["*" if lv == "+" else lv.replace(".", "//") for lv in topic.split("/")]
     if levels[-1] != "#":
         return [".".join(levels)]
@@ -76,7 +102,8 @@ class Rights:
     def conf(self) -> str:
         def block(allow: list[str]) -> str:
             return f"{{ allow: {_list(allow)}" + (f", deny: {_list(self.deny)}" if self.deny else "") + " }"
-        return f"{{ publish: {block(self.pub_allow)}, subscribe: {block([*self.sub_allow, MQTT_INTERNAL_SUBSCRIBE])} }}"
+        subscribe = block([*self.sub_allow, MQTT_INTERNAL_SUBSCRIBE])
+        return f"{{ publish: {block(self.pub_allow)}, subscribe: {subscribe} }}"
 
 
 def _list(items: Iterable[str]) -> str:
@@ -179,7 +206,6 @@ class NatsCluster:
 
     def __init__(self, tmp: Path, binary: str, size: int = 3, users: Iterable[str] = DEFAULT_USERS) -> None:
         self.binary = binary
-        self.tmp = tmp
         self.passwords = {u: secrets.token_urlsafe(12) for u in users}
         self.sys_password = secrets.token_urlsafe(12)
         self.nodes = []
@@ -234,13 +260,14 @@ system_account: SYS
         return self
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Every live node healthy and taking an MQTT login (the account's MQTT streams need a JetStream
-        meta leader, so MQTT is the last thing to work)."""
+        """Every live node healthy and granting a QoS 1 subscription (the account's MQTT streams and each
+        subscription's consumer need JetStream leaders, so that is the last thing to work)."""
         live = [n for n in self.nodes if n.alive]
         self._wait_for(lambda: all(n.healthy() for n in live), "JetStream healthy on every node", timeout)
+        password = self.passwords["controller"]
         for n in live:
-            self._wait_for(lambda n=n: self.connect_rc(n, "controller") == CONNACK_ACCEPTED,  # type: ignore[misc]
-                           f"MQTT login on {n.name}", timeout)
+            self._wait_for(lambda n=n: qos1_subscribe_ok(n.mqtt_port, "controller", password),  # type: ignore[misc]
+                           f"MQTT login and QoS 1 subscription on {n.name}", timeout)
 
     def kill(self, index: int) -> NatsNode:
         node = self.nodes[index]
@@ -250,12 +277,6 @@ system_account: SYS
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-    def __enter__(self) -> NatsCluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- accounts ----------------------------------------------------------------------------------
     def add_user(self, name: str) -> str:
@@ -287,11 +308,6 @@ system_account: SYS
     def where(self, user: str) -> list[int]:
         """Indexes of the live nodes `user` has an MQTT connection on (one per connection)."""
         return [i for i, n in enumerate(self.nodes) if n.alive for u, _ in n.mqtt_clients() if u == user]
-
-    def restart(self, index: int) -> None:
-        """Start a killed node again on its ports and store; it rejoins the cluster."""
-        self.nodes[index].start(self.binary)
-        self.wait_ready()
 
     def log_text(self) -> str:
         return "\n".join(f"--- {n.name}\n{n.log_text()[-3000:]}" for n in self.nodes)

@@ -456,6 +456,7 @@ class RecordingClient:
 def broker(monkeypatch: pytest.MonkeyPatch) -> RecordingBroker:
     b = RecordingBroker()
     monkeypatch.setattr(aiomqtt, "Client", b.client)
+    monkeypatch.setattr(fmqtt, "Client", b.client)  # the connect loops build ollama_fleet.mqtt's subclass
     monkeypatch.setattr(fmqtt, "RECONNECT_MIN", 0.0)  # reconnect at once: no waiting in tests
     monkeypatch.setattr(fmqtt, "RECONNECT_MAX", 0.0)
     return b
