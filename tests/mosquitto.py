@@ -260,17 +260,23 @@ class MosquittoProcess:
             raise RuntimeError(f"mosquitto exited with {self.proc.returncode}:\n{self.log_text()}")
 
     def _wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self._check_alive()
-            try:
-                if predicate():
-                    return
-            except OSError:
-                pass
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"mosquitto: timed out waiting for {what}\n{self.log_text()[-4000:]}")
-            time.sleep(0.02)  # polling interval, bounded by the deadline above
+        wait_for_broker("mosquitto", predicate, what, self._check_alive, lambda: self.log_text()[-4000:], timeout)
+
+
+def wait_for_broker(name: str, predicate: Callable[[], bool], what: str, check_alive: Callable[[], None],
+                    log_text: Callable[[], str], timeout: float = START_TIMEOUT_S, interval: float = 0.02) -> None:
+    """Poll `predicate` (an OSError counts as not yet) until true; `check_alive` raises when the broker died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check_alive()
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{name}: timed out waiting for {what}\n{log_text()}")
+        time.sleep(interval)  # polling interval, bounded by the deadline above
 
 
 def start_mosquitto(

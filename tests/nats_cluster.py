@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +25,14 @@ from typing import IO
 from urllib.parse import quote
 
 from ollama_fleet.broker.local import free_loopback_port
-from tests.mosquitto import CONNACK_ACCEPTED, DEFAULT_USERS, SHIPPED_ACL, connect_packet, mqtt_connect_rc
+from tests.mosquitto import (
+    CONNACK_ACCEPTED,
+    DEFAULT_USERS,
+    SHIPPED_ACL,
+    connect_packet,
+    mqtt_connect_rc,
+    wait_for_broker,
+)
 
 HOST = "127.0.0.1"
 CLUSTER = "fleet"
@@ -313,20 +319,13 @@ system_account: SYS
         return "\n".join(f"--- {n.name}\n{n.log_text()[-3000:]}" for n in self.nodes)
 
     def _wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            dead = [n.name for n in self.nodes if n.proc is not None and n.proc.poll() is not None
-                    and n.log_file is not None and not n.log_file.closed]
-            if dead:
-                raise RuntimeError(f"nats-server {dead} exited:\n{self.log_text()}")
-            try:
-                if predicate():
-                    return
-            except OSError:
-                pass
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"nats cluster: timed out waiting for {what}\n{self.log_text()}")
-            time.sleep(0.05)  # polling interval, bounded by the deadline above
+        wait_for_broker("nats cluster", predicate, what, self._check_alive, self.log_text, timeout, 0.05)
+
+    def _check_alive(self) -> None:
+        dead = [n.name for n in self.nodes if n.proc is not None and n.proc.poll() is not None
+                and n.log_file is not None and not n.log_file.closed]
+        if dead:
+            raise RuntimeError(f"nats-server {dead} exited:\n{self.log_text()}")
 
 
 def start_nats_cluster(tmp: Path, size: int = 3) -> NatsCluster:
