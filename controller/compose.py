@@ -206,8 +206,10 @@ class Fleet:
     async def _stale_checker(self) -> None:
         while True:
             await asyncio.sleep(STALE_CHECK_EVERY)
+            if not self.ingest.connected.is_set():
+                continue  # off the broker we cannot hear anyone: silence says nothing about the agents
             try:
-                self.registry.check_stale()
+                self.registry.check_stale(heard_since=self.ingest.connected_at)
             except Exception:  # one bad listener must not end liveness checking
                 log.exception("stale check failed")
 

@@ -225,3 +225,12 @@ def test_an_empty_fleet_reads_as_empty() -> None:
     mx = readmodel.model_matrix(r, [job(1, "gone", "llama3.2")])
     assert (mx.agents, mx.columns) == ([], [])
     assert [m.source for m in readmodel.available_models(r, CATALOGUE)] == ["catalogue", "catalogue"]
+
+
+def test_silence_before_the_controller_could_hear_does_not_make_an_agent_stale() -> None:
+    r = Registry(Hub())
+    join(r, "quiet")
+    seen = r.agents["quiet"].last_seen
+    later = seen + 3600  # an hour of silence, but the broker connection is 5 s old (3 heartbeats of 5 s: 15 s)
+    assert r.check_stale(later, heard_since=later - 5) == [] and r.agents["quiet"].status == "online"
+    assert r.check_stale(later, heard_since=later - 16) == ["quiet"] and r.agents["quiet"].status == "stale"

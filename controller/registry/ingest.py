@@ -52,6 +52,7 @@ class Ingest:
         self.latency: deque[float] = deque(maxlen=20000)  # heartbeat publish -> registry, seconds
         self.client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
+        self.connected_at = 0.0  # wall time the current broker connection was made (stale checks count from it)
         self.commands: dict[str, ControllerCommand] = {}  # fleet-level verbs (cmd/_controller/<verb>)
         self._pending: dict[str, dict[str, dict[str, Any]]] = {}  # snapshots seen before their node's state
         self._last_log: dict[str, float] = {}
@@ -86,6 +87,7 @@ class Ingest:
                     await client.publish(self.topics.controller_status, self._status(True), qos=1, retain=True)
                     self.client, attempt = client, 0
                     brokers.connected()
+                    self.connected_at = time.time()
                     self.connected.set()
                     log.info("ingest connected to %r", brokers.current)
                     async for message in client.messages:  # only raises on disconnect now

@@ -435,11 +435,14 @@ class Registry:
         return None
 
     # ---- time and operators ----------------------------------------------------------------
-    def check_stale(self, now: float | None = None) -> list[str]:
+    def check_stale(self, now: float | None = None, heard_since: float = 0.0) -> list[str]:
+        """Mark online agents unheard for stale_after heartbeats stale. `heard_since`: when the controller's
+        broker connection was made; silence before it (the controller could not hear) does not count."""
         now = now or time.time()
         stale = []
         for a in self.agents.values():
-            if a.state == AgentStatus.ONLINE and now - a.last_seen > self.stale_after * a.hb_interval:
+            heard = max(a.last_seen, heard_since)
+            if a.state == AgentStatus.ONLINE and now - heard > self.stale_after * a.hb_interval:
                 self._set_state(a, AgentStatus.STALE, f"no heartbeat for {now - a.last_seen:.1f} s", "warning")
                 self._changed(a)
                 stale.append(a.node_id)
