@@ -8,6 +8,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ollama_fleet.controller.proxy.forward import KEYS_RELOAD_EVERY
 from tests.proxy_support import (
     ADMIN,
     add_key,
@@ -143,6 +144,10 @@ def test_queue_wait_and_priority_are_recorded_shown_and_filtered(fleet):
     wait_routable(c, "qlog-a", models=("llama3.2:latest", "all-minilm:latest"))
     # probed with a request that is no generation: the probe's own rows have no priority
     wait_until(lambda: post(c, "/api/show", {"model": "llama3.2"}).status_code == 401, 10, what="keys in force")
+    # the reload may have come between the two `keys add`: wait for the second key too (polled no faster than
+    # the reload, so refused probes stay clear of the per-client throttle)
+    wait_until(lambda: post(c, "/api/show", {"model": "llama3.2"}, capped).status_code == 200, 10,
+               interval=KEYS_RELOAD_EVERY, what="both keys loaded")
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, c, "/api/chat", chat_body(), {**key, "X-Fleet-Priority": "high"})
         wait_until(lambda: busy(c, "qlog-a") == 1, 10, what="the agent's one slot taken")
@@ -160,7 +165,7 @@ def test_queue_wait_and_priority_are_recorded_shown_and_filtered(fleet):
         assert r.status_code == 200, r.text
         return r.json()
 
-    rows = [x for x in log()["requests"] if x["key"]]  # not the probes
+    rows = [x for x in log()["requests"] if x["key"] and x["endpoint"] != "/api/show"]  # not the probes
     embed, low, gen, chat = rows
     assert (chat["queue_ms"], chat["priority"]) == (None, "high")
     assert gen["priority"] == "normal" and gen["queue_ms"] > 0
