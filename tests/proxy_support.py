@@ -175,3 +175,15 @@ def add_key(fleet: Any, name: str, *flags: str) -> str:
 
 def bearer_auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+def wait_keys(c: Controller, *keys: str) -> None:
+    """Keys in force and every one of these accepted: the controller reloads keys every KEYS_RELOAD_EVERY s, and a reload may come
+    between two `fleet keys add`. Probed on /api/tags (authorized, not metered: no key's limits are used) no
+    faster than the reload, so refused probes stay clear of the per-client throttle."""
+    from ollama_fleet.controller.proxy.forward import KEYS_RELOAD_EVERY
+
+    def accepted() -> bool:  # keys in force (none given: 401), and each of these keys let in
+        return c.http.get("/api/tags").status_code == 401 and all(
+            c.http.get("/api/tags", headers=bearer_auth(k)).status_code == 200 for k in keys)
+    wait_until(accepted, 10 + KEYS_RELOAD_EVERY, interval=KEYS_RELOAD_EVERY, what="every key loaded")

@@ -20,6 +20,7 @@ from tests.proxy_support import (
     post,
     queue,
     start_fleet,
+    wait_keys,
     wait_routable,
 )
 from tests.support import Controller, wait_until
@@ -145,7 +146,7 @@ def test_keys_take_turns_and_a_keys_priority_ceiling_holds(fleet):
     c, fake = _one_slot_blocked(fleet, "fa-a", fleet_admin_token=ADMIN)
     noisy, calm = add_key(fleet, "noisy"), add_key(fleet, "calm")
     quiet = add_key(fleet, "quiet", "--max-priority", "low")
-    wait_until(lambda: post(c, "/api/chat", chat_body()).status_code == 401, 10, what="keys in force")
+    wait_keys(c, noisy, calm, quiet)
     fake.set_config(initial_delay=3.0)
     requests = [("noisy", bearer_auth(noisy))] * 6 + [("calm", bearer_auth(calm))] * 2
     with ThreadPoolExecutor(12) as pool:
@@ -167,7 +168,7 @@ def test_per_key_limits_answer_429_with_retry_after(fleet):
     c, fakes = start_fleet(fleet, "kl-a", controller_env={"fleet_admin_token": ADMIN}, tokens=3, token_delay=0.5)
     rpm, one, tpm = add_key(fleet, "rpm", "--rpm", "2"), add_key(fleet, "one", "--max-concurrent", "1"), \
         add_key(fleet, "tpm", "--tpm", "3")
-    wait_until(lambda: post(c, "/api/chat", chat_body()).status_code == 401, 10, what="keys in force")
+    wait_keys(c, rpm, one, tpm)
     fakes["kl-a"].set_config(token_delay=0.0)
     gen = BODIES["/api/generate"]
     assert [post(c, "/api/generate", gen, bearer_auth(rpm)).status_code for _ in range(2)] == [200] * 2

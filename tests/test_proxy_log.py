@@ -8,7 +8,6 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ollama_fleet.controller.proxy.forward import KEYS_RELOAD_EVERY
 from tests.proxy_support import (
     ADMIN,
     add_key,
@@ -19,6 +18,7 @@ from tests.proxy_support import (
     depth,
     post,
     start_fleet,
+    wait_keys,
     wait_routable,
 )
 from tests.support import wait_until
@@ -140,14 +140,11 @@ def test_queue_wait_and_priority_are_recorded_shown_and_filtered(fleet):
     at `low` is logged at its ceiling; an embedding (metered under its key, never queued) has no priority."""
     c, fakes = start_fleet(fleet, "qlog-a", controller_env={"fleet_admin_token": ADMIN}, tokens=1,
                            initial_delay=1.0)
-    key, capped = bearer_auth(add_key(fleet, "ql")), bearer_auth(add_key(fleet, "ql-low", "--max-priority", "low"))
+    plain, low_key = add_key(fleet, "ql"), add_key(fleet, "ql-low", "--max-priority", "low")
+    key, capped = bearer_auth(plain), bearer_auth(low_key)
     wait_routable(c, "qlog-a", models=("llama3.2:latest", "all-minilm:latest"))
     # probed with a request that is no generation: the probe's own rows have no priority
-    wait_until(lambda: post(c, "/api/show", {"model": "llama3.2"}).status_code == 401, 10, what="keys in force")
-    # the reload may have come between the two `keys add`: wait for the second key too (polled no faster than
-    # the reload, so refused probes stay clear of the per-client throttle)
-    wait_until(lambda: post(c, "/api/show", {"model": "llama3.2"}, capped).status_code == 200, 10,
-               interval=KEYS_RELOAD_EVERY, what="both keys loaded")
+    wait_keys(c, plain, low_key)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, c, "/api/chat", chat_body(), {**key, "X-Fleet-Priority": "high"})
         wait_until(lambda: busy(c, "qlog-a") == 1, 10, what="the agent's one slot taken")
@@ -165,7 +162,7 @@ def test_queue_wait_and_priority_are_recorded_shown_and_filtered(fleet):
         assert r.status_code == 200, r.text
         return r.json()
 
-    rows = [x for x in log()["requests"] if x["key"] and x["endpoint"] != "/api/show"]  # not the probes
+    rows = [x for x in log()["requests"] if x["key"]]
     embed, low, gen, chat = rows
     assert (chat["queue_ms"], chat["priority"]) == (None, "high")
     assert gen["priority"] == "normal" and gen["queue_ms"] > 0
