@@ -96,8 +96,7 @@ def test_aging_lifts_a_long_waiting_low_request_above_fresh_high_ones() -> None:
     for t in highs:
         s.enqueue(t)
     assert s.release("a") == [old_low]
-    clock2 = make({"a": 1}, aging=10.0)
-    s2, c2 = clock2
+    s2, c2 = make({"a": 1}, aging=10.0)
     s2.acquire(ticket(c2), ["a"])
     young_low = ticket(c2, tier="low")
     s2.enqueue(young_low)

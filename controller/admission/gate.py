@@ -94,8 +94,8 @@ class Admission:
             self.sched.forget(node)
             return
         self._wake(self.sched.report(node, a.capacity))
-        if self.sched.waiting and a.routable:
-            self._wake(self.sched.pump(node))
+        if a.routable:
+            self._pump(node)
 
     def _wake(self, granted: list[Ticket]) -> None:
         for t in granted:
