@@ -15,6 +15,7 @@ from ollama_fleet import __version__
 from ollama_fleet.settings import Config, ConfigError
 
 from ollama_fleet.controller.api import agents as api_agents
+from ollama_fleet.controller.api import cluster as api_cluster
 from ollama_fleet.controller.api import docs as api_docs
 from ollama_fleet.controller.api import models as api_models
 from ollama_fleet.controller.api import ollama_models as api_ollama_models
@@ -84,6 +85,7 @@ def create_app(cfg: Config, companion: CompanionFactory | None = None, name: str
     app.blueprint(api_proxy.bp)
     app.blueprint(api_requests.bp)
     app.blueprint(api_queue.bp)  # /api/queue
+    app.blueprint(api_cluster.bp)  # /api/cluster
     app.blueprint(api_unsupported.bp)  # /api/blobs only
     app.blueprint(api_models.bp)  # /api/models/..., /api/tasks
     app.blueprint(api_ollama_models.bp)  # Ollama's /api/pull, /api/delete, /api/copy, /api/create, /api/push

@@ -20,6 +20,9 @@ from ollama_fleet.model_tiers import Tiers, TiersError, load_tiers
 from ollama_fleet.settings import Config, ConfigError
 
 from ollama_fleet.controller import db as dbm
+from ollama_fleet.controller.cluster.leader import Leadership
+from ollama_fleet.controller.cluster.load import SharedLoad
+from ollama_fleet.controller.cluster.sync import RegistrySync
 from ollama_fleet.controller.dashboard.login import Sessions, load_sessions
 from ollama_fleet.controller.dashboard.sse import Stream
 from ollama_fleet.controller.edge.throttle import Throttle
@@ -69,9 +72,15 @@ class Fleet:
         self.hub = Hub()
         self.registry = Registry(self.hub, cfg.stale_after, cfg.metrics_sample_interval)
         self.ingest = Ingest(cfg, self.registry)
+        self.leadership = Leadership()  # one controller of several does what must happen once
+        self.peers = RegistrySync(self.registry, self.ingest)  # operators' registry changes, to every controller
         self.stats = RequestStats(self._known_model)  # the proxy's request numbers: /metrics, dashboard
         self.tracer = build_tracer(cfg)  # no-op unless otel_endpoint is set; ConfigError without the extra
         self.proxy = Proxy(cfg, self.registry, tracer=self.tracer, stats=self.stats)
+        # the other controllers' load: their requests count in least_busy, their slots against each agent's capacity
+        self.load = SharedLoad(self.ingest, self.registry, self.proxy.admission, lambda: self.leadership.is_leader)
+        self.proxy.router.others = self.load.inflight
+        self.proxy.admission.sched.others = self.load.slots
         self.jobs = JobLedger(cfg, self.registry, self.ingest, self.hub)
         self.distributor = Distributor(cfg, self.registry, self.jobs, self.catalogue, self.tiers)
         self.metrics = FleetMetrics(self.registry, self.ingest, self.jobs, self.stats,
@@ -125,6 +134,9 @@ class Fleet:
             self.ingest.cfg = cfg
         url = cfg.database_url or dbm.default_url(cfg.data_path)
         store = self._store = Store(url)
+        await self.leadership.open(url)
+        self.jobs.leading = self.leadership.is_leader
+        self.leadership.listeners.append(self.jobs.lead)
         self.registry.load(*await store.read(load_registry))
         await self.proxy.start(store)
         log.info("registry loaded: %d agents from %s", len(self.registry.agents), url.split("://")[0])
@@ -133,6 +145,8 @@ class Fleet:
             asyncio.create_task(self._flusher(), name="fleet-flusher"),
             asyncio.create_task(self._stale_checker(), name="fleet-stale"),
             asyncio.create_task(self._pruner(), name="fleet-prune"),
+            asyncio.create_task(self.leadership.run(), name="fleet-leader"),
+            asyncio.create_task(self.load.run(), name="fleet-load"),
         ]
         if self._companion_factory is not None:
             self.companion = self._companion_factory(cfg)
@@ -162,6 +176,7 @@ class Fleet:
             ("tracing", self.tracer.shutdown),  # the last spans, exported
             ("final flush", self.flush_registry),
         ])
+        self.leadership.close()  # after the last writes: the next leader reads them
         if self._store is not None:
             self._store.close()
         if self.broker is not None:
@@ -180,6 +195,8 @@ class Fleet:
         if self._store is None:
             return
         batch = self.registry.drain()
+        if not self.leadership.is_leader:
+            return  # every controller hears the same tree; the leader writes it (docs/scaling.md)
         try:
             await self._store.flush(batch)
         except Exception as exc:
@@ -217,8 +234,9 @@ class Fleet:
         while True:
             now = time.time()
             try:
-                await self.store.write(prune, now - self.cfg.metrics_retention_hours * 3600,
-                                       now - self.cfg.event_retention_days * 86400)
+                if self.leadership.is_leader:  # once for the fleet
+                    await self.store.write(prune, now - self.cfg.metrics_retention_hours * 3600,
+                                           now - self.cfg.event_retention_days * 86400)
             except Exception:
                 log.exception("pruning failed")
             await asyncio.sleep(PRUNE_EVERY)

@@ -41,6 +41,10 @@ class SettingsFields:
     host: str = "127.0.0.1"
     # Port of the controller's HTTP server (Ollama API, OpenAI API, dashboard).
     port: int = 8434
+    # Controller processes on this host sharing `port` (docs/scaling.md). Worker 1 uses the MQTT account
+    # `mqtt_username`, worker N the account `<mqtt_username>-N` (same password); they need a broker
+    # (`mqtt_url`).
+    workers: int = 1
     # Peewee database URL, e.g. `sqlite:///fleet.db` or `postgresql://user@host/db` (default: SQLite in
     # data_dir).
     database_url: str = field(default="", repr=False)

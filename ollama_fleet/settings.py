@@ -78,6 +78,9 @@ SETTINGS: tuple[Setting, ...] = (
     # --- controller ---
     _s("host", str, "127.0.0.1", "Address the controller's HTTP server binds (`0.0.0.0` for the LAN).", C),
     _s("port", int, 8434, "Port of the controller's HTTP server (Ollama API, OpenAI API, dashboard).", C),
+    _s("workers", int, 1, "Controller processes on this host sharing `port` (docs/scaling.md). Worker 1 uses "
+       "the MQTT account `mqtt_username`, worker N the account `<mqtt_username>-N` (same password); they "
+       "need a broker (`mqtt_url`).", C, minimum=1),
     _s("database_url", str, "", "Peewee database URL, e.g. `sqlite:///fleet.db` or "
        "`postgresql://user@host/db` (default: SQLite in data_dir).", C, secret=True),
     _s("stale_after", float, 3.0, "Heartbeat intervals without a heartbeat before an agent is `stale`.", C),

@@ -15,6 +15,23 @@ from tests.support import AgentProc, Controller, clear_retained, docker_engine
 REQUIRE_MOSQUITTO = os.environ.get("FLEET_TEST_REQUIRE_MOSQUITTO") == "1"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def child_bytecode_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """With PYTHONDONTWRITEBYTECODE set (as on these machines) every controller, agent, fake Ollama and `fleet`
+    process the tests start would compile all it imports from source, 1-2 s a start. The children share one
+    bytecode cache for the run instead, outside the tree (nothing is written there)."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE") or os.environ.get("PYTHONPYCACHEPREFIX"):
+        yield
+        return
+    saved = os.environ.pop("PYTHONDONTWRITEBYTECODE")
+    os.environ["PYTHONPYCACHEPREFIX"] = str(tmp_path_factory.mktemp("pycache"))
+    try:
+        yield
+    finally:
+        os.environ.pop("PYTHONPYCACHEPREFIX", None)
+        os.environ["PYTHONDONTWRITEBYTECODE"] = saved
+
+
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProcess]:
     """Mosquitto started once per run with broker/mosquitto.conf + broker/fleet.acl on a free port."""
@@ -38,8 +55,11 @@ class FleetFactory:
         self._procs: list[Any] = []
         self._n = 0
 
-    def controller(self, **env: str) -> Controller:
-        c = Controller(self.tmp, self.broker.url("controller"), {k.upper(): v for k, v in env.items()}, wait=False)
+    def controller(self, *, account: str = "controller", **env: str) -> Controller:
+        """A controller process; several at once each need their own MQTT `account` (made on first use)."""
+        if account not in self.broker.passwords:
+            self.broker.add_account("controller", account)
+        c = Controller(self.tmp, self.broker.url(account), {k.upper(): v for k, v in env.items()}, wait=False)
         self._procs.append(c)  # tracked before waiting: a controller that fails to start is still stopped
         c.wait_ready()
         return c

@@ -208,7 +208,7 @@ class MosquittoProcess:
         self.reload()
         self._wait_for(lambda: self.connect_rc(name, password) != CONNACK_ACCEPTED, f"user {name!r} refused")
 
-    def add_account(self, role: str, name: str | None = None) -> str:
+    def add_account(self, role: str, name: str | None = None, password: str | None = None) -> str:
         """A new account with the rights of `role` ("controller"/"operator"), made the documented way:
         the role's block of the shipped fleet.acl copied under the new name, password added, SIGHUP.
 
@@ -218,7 +218,7 @@ class MosquittoProcess:
         rules = [r.replace(f"/{role}/", f"/{name}/") for r in role_rules(SHIPPED_ACL.read_text(), role)]
         with self.acl_path.open("a") as fh:
             fh.write(f"\nuser {name}\n" + "".join(f"{r}\n" for r in rules))
-        self.add_user(name)
+        self.add_user(name, password)
         return name
 
     def log_text(self) -> str:

@@ -52,7 +52,7 @@ KIND_SCHEMA = {
     "state": "state.json", "info": "info.json", "gpus": "gpus.json", "models": "models.json",
     "running": "running.json", "heartbeat": "heartbeat.json", "events": "event.json", "jobs": "job-status.json",
 }
-OTHER_SCHEMAS = {"command.json", "controller-status.json"}
+OTHER_SCHEMAS = {"command.json", "controller-status.json", "controller-load.json"}
 SNAPSHOTS = ("info", "gpus", "models", "running")  # what the agent publishes after every birth, in order
 VERBS = ("agent.rebirth", "agent.disconnect", "model.pull", "model.delete", "job.cancel", "distribute")
 NODE = "gpu-01"
@@ -901,7 +901,8 @@ async def test_empty_payload_is_a_clear_and_jobs_wait_for_their_handler() -> Non
 # ---- specs/mqtt.md -------------------------------------------------------------------------------
 
 SPEC_TEXT = SPEC.read_text()
-SAMPLE = {"<node>": NODE, "<verb>": "agent.rebirth", "<job_id>": "op-20250101-001"}
+SAMPLE = {"<node>": NODE, "<verb>": "agent.rebirth", "<job_id>": "op-20250101-001",
+          "<instance>": "9d3c1b7a5e2f4a6c8b0d1e2f3a4b5c6d"}
 
 
 def _table_rows() -> dict[str, dict[str, str]]:
@@ -945,6 +946,9 @@ def test_topic_table_matches_node_topics() -> None:
                 TOPICS.parse_cmd_topic(concrete)
                 assert row["retain"] == "no" and row["qos"] == "1"
                 assert row["schema"] == "[command.json](schemas/command.json)"
+            elif "/controllers/" in topic:  # controller to controller (PEER_KINDS)
+                qos, retain = protocol.PEER_KINDS[TOPICS.parse_peer_topic(concrete)[1]]
+                assert (row["retain"], row["qos"]) == ("yes" if retain else "no", str(qos)), topic
             else:
                 assert concrete == TOPICS.controller_status
                 assert row["schema"] == "[controller-status.json](schemas/controller-status.json)"

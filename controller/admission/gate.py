@@ -235,6 +235,11 @@ class Admission:
         if self.sched.waiting:
             self._wake(self.sched.pump(node))
 
+    def others_released(self, node: str) -> None:
+        """Other controllers hold fewer slots on `node` (their load document said so, or it expired): the
+        slots go to the requests waiting here at once."""
+        self._pump(node)
+
     def close(self, p: Pass, tokens: int) -> None:
         """The request is over (whatever happened): its key's meter counts it out; one that waited and got a
         slot is reported "served" once, with its whole wait (failovers included)."""

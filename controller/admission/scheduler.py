@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ollama_fleet.controller.admission.priority import RANK, TIERS
@@ -83,6 +83,8 @@ class Scheduler:
     clock: Callable[[], float] = time.monotonic
     reported: dict[str, int] = field(default_factory=dict)  # agent -> capacity it reported
     busy: dict[str, int] = field(default_factory=dict)  # agent -> slots held
+    # agent -> slots other controllers hold (their load documents, controller/cluster/load.py); read only here
+    others: Mapping[str, int] = field(default_factory=dict)
     _lowered: dict[str, tuple[int, float]] = field(default_factory=dict)  # agent -> (capacity, until)
     _queues: dict[str, list[_Tier]] = field(default_factory=dict)  # model -> one _Tier per tier
     _depth: dict[str, int] = field(default_factory=dict)
@@ -98,7 +100,8 @@ class Scheduler:
         return cap
 
     def free(self, node: str) -> int:
-        return self.capacity(node) - self.busy.get(node, 0)
+        """Slots free on the agent, fleet-wide: its capacity less ours and other controllers' (may be < 0)."""
+        return self.capacity(node) - self.busy.get(node, 0) - self.others.get(node, 0)
 
     def report(self, node: str, capacity: int) -> list[Ticket]:
         """An agent's capacity (as it reported it); returns tickets granted because it grew."""
@@ -107,16 +110,16 @@ class Scheduler:
         return self.pump(node) if old is None or capacity > old else []
 
     def busy_signal(self, node: str) -> tuple[int, float]:
-        """The agent's Ollama answered "server busy" with our `busy` requests on it (this one included):
-        for CORRECTION_HOLD its capacity is one less than that. A burst of busy answers is one overload: within
-        BURST of a correction, a further answer extends the hold but lowers no further. Returns the capacity
-        now in force and the clock time the hold ends."""
+        """The agent's Ollama answered "server busy" with our `busy` requests on it (this one included) and the
+        slots other controllers hold: for CORRECTION_HOLD its capacity is one less than that. A burst of busy
+        answers is one overload: within BURST of a correction, a further answer extends the hold but lowers no
+        further. Returns the capacity now in force and the clock time the hold ends."""
         now = self.clock()
         low = self._lowered.get(node)
         if low is not None and low[1] - CORRECTION_HOLD + BURST > now:
             cap = low[0]
         else:
-            cap = max(1, min(self.capacity(node), self.busy.get(node, 1) - 1))
+            cap = max(1, min(self.capacity(node), self.busy.get(node, 1) + self.others.get(node, 0) - 1))
         until = now + CORRECTION_HOLD
         self._lowered[node] = (cap, until)
         return cap, until
@@ -204,6 +207,10 @@ class Scheduler:
 
     def depth(self, model: str) -> int:
         return self._depth.get(model, 0)
+
+    def depths(self) -> dict[str, int]:
+        """Waiting tickets per model (only models with some)."""
+        return dict(self._depth)
 
     def figures(self) -> list[QueueFigures]:
         now = self.clock()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -18,11 +19,11 @@ from ollama_fleet.controller.compose import fleet_of
 from ollama_fleet.controller.edge.access import require_admin
 from ollama_fleet.controller.edge.http import error, json_body
 from ollama_fleet.controller.edge.params import ParamError, float_param, int_param, text_param
+from ollama_fleet.controller.registry.edits import parse_settings
 from ollama_fleet.controller.registry.live import AgentRecord
 
 bp = Blueprint("agents")
 
-MAX_TAGS, MAX_TAG_LEN, MAX_NAME_LEN, MAX_NOTES_LEN = 32, 40, 80, 4000
 EVENTS_MAX = 1000  # events in one page
 
 
@@ -83,21 +84,6 @@ async def agent_metrics(request: Request, agent_id: str) -> HTTPResponse:
     return json({"agent_id": a.node_id, "samples": await fleet.store.read(store.query_metrics, a.node_id, since)})
 
 
-def _settings_body(body: dict[str, Any]) -> tuple[str | None, list[str] | None, str | None] | str:
-    unknown = set(body) - {"display_name", "tags", "notes"}
-    if unknown:
-        return f"unknown field(s): {', '.join(sorted(unknown))}"
-    name, tags, notes = body.get("display_name"), body.get("tags"), body.get("notes")
-    if name is not None and (not isinstance(name, str) or len(name.strip()) > MAX_NAME_LEN):
-        return f"display_name must be a string of at most {MAX_NAME_LEN} characters"
-    if tags is not None:
-        if not isinstance(tags, list) or len(tags) > MAX_TAGS or not all(
-                isinstance(t, str) and 0 < len(t.strip()) <= MAX_TAG_LEN for t in tags):
-            return f"tags must be a list of at most {MAX_TAGS} non-empty strings of at most {MAX_TAG_LEN} characters"
-        tags = sorted({t.strip() for t in tags})
-    if notes is not None and (not isinstance(notes, str) or len(notes) > MAX_NOTES_LEN):
-        return f"notes must be a string of at most {MAX_NOTES_LEN} characters"
-    return (name.strip() if isinstance(name, str) else None), tags, notes
 
 
 @bp.put("/api/agents/<agent_id:str>/settings")
@@ -110,10 +96,10 @@ async def agent_settings(request: Request, agent_id: str) -> HTTPResponse:
     body = json_body(request)
     if isinstance(body, HTTPResponse):
         return body
-    parsed = _settings_body(body)
+    parsed = parse_settings(body)
     if isinstance(parsed, str):
         return error(400, parsed)
-    return json(fleet_of(request).registry.update_settings(agent_id, *parsed).to_json())
+    return json((await fleet_of(request).peers.update_settings(agent_id, parsed)).to_json())
 
 
 @bp.post("/api/agents/<agent_id:str>/disconnect")
@@ -152,7 +138,7 @@ async def delete_agent(request: Request, agent_id: str) -> HTTPResponse:
         await fleet.ingest.clear_retained(agent_id)
     except aiomqtt.MqttError as e:
         return error(503, f"broker unavailable, nothing deleted: {e}")
-    fleet.registry.delete(agent_id)
+    await fleet.peers.delete(agent_id)
     return json({"deleted": agent_id})
 
 
@@ -195,5 +181,6 @@ async def healthz(request: Request) -> HTTPResponse:
         db_ok = False
     ok = mqtt_ok and db_ok
     return json({"status": "ok" if ok else "degraded", "mqtt": mqtt_ok, "database": db_ok,
-                 "agents": len(fleet.registry.agents), "uptime": round(time.time() - fleet.started, 1)},
+                 "agents": len(fleet.registry.agents), "uptime": round(time.time() - fleet.started, 1),
+                 "instance": fleet.ingest.instance, "leader": fleet.leadership.is_leader, "pid": os.getpid()},
                 status=200 if ok else 503)

@@ -17,7 +17,8 @@ from sanic_ext.extensions.openapi.definitions import Parameter, RequestBody
 from ollama_fleet.contract.status import ALL
 from ollama_fleet.controller.admission.priority import TIERS
 from ollama_fleet.controller.readmodel import AGENT_SORTS
-from ollama_fleet.controller.api.agents import EVENTS_MAX, MAX_NAME_LEN, MAX_NOTES_LEN, MAX_TAG_LEN, MAX_TAGS
+from ollama_fleet.controller.api.agents import EVENTS_MAX
+from ollama_fleet.controller.registry.edits import MAX_NAME_LEN, MAX_NOTES_LEN, MAX_TAG_LEN, MAX_TAGS
 from ollama_fleet.controller.api.models import MAX_PAGE
 from ollama_fleet.controller.edge.params import INT_MAX, PARAM_MAX_LEN
 from ollama_fleet.controller.proxy.requestlog import PAGE_SIZES

@@ -238,7 +238,7 @@ class Distributor:
                         kind: str = data["kind"]  # Registry.event always sets both
                         node: str | None = data["node_id"]
                         self.ledger.agent_event(kind, node)
-                        if kind == "registered" and node and self.auto_enabled:
+                        if kind == "registered" and node and self.auto_enabled and self.ledger.leading:
                             self._awaiting.add(node)
                             self._maybe_auto(node)
                         elif kind == "ollama_up" and node in self._awaiting:
@@ -268,7 +268,10 @@ class Distributor:
             log.exception("auto-distribution for %s failed", node)
 
     async def on_command(self, doc: dict[str, Any]) -> None:
-        """`fleet/v1/cmd/_controller/distribute`: the body of POST /api/models/distribute."""
+        """`fleet/v1/cmd/_controller/distribute`: the body of POST /api/models/distribute. Every
+        controller hears it; the leader obeys."""
+        if not self.ledger.leading:
+            return
         model = doc.get("model_name", doc.get("model"))
         try:
             plan = await self.distribute(model, doc.get("target", "all"), doc.get("agent_ids"),

@@ -55,6 +55,7 @@ log = logging.getLogger("fleet.jobs")
 # module level so tests can shrink them
 LEDGER_TICK = 0.25  # seconds between scans for dispatchable and timed-out jobs (in memory, cheap)
 PRUNE_EVERY = 600.0
+SYNC_EVERY = 1.0  # seconds between reads of the rows other controllers wrote (several controllers only)
 
 
 def _now() -> Now:
@@ -74,6 +75,11 @@ class JobLedger:
         self._background: set[asyncio.Task[None]] = set()  # sends and lookups in flight (kept referenced)
         self._last_flush = 0.0
         self._last_prune = 0.0
+        self._last_sync = 0.0
+        # Several controllers (controller/cluster/leader.py): only the leader dispatches, times out, writes
+        # and clears; a follower follows the agents' reports for its readers and writes only what its own
+        # API did (new jobs, a cancel). Alone, a controller leads.
+        self.leading = True
 
     # ---- the machine's state, as callers read it ----------------------------------------------
     @property
@@ -121,6 +127,19 @@ class JobLedger:
             self.apply(node, job_id, doc)
         self._tasks = [asyncio.create_task(self._loop(), name="fleet-jobs")]
 
+    def lead(self, leading: bool) -> None:
+        """The leadership listener: a new leader first reads back what the old one wrote."""
+        if not leading:
+            self.leading = False
+        elif not self.leading:
+            self._spawn(self._promote())
+
+    async def _promote(self) -> None:
+        await self._sync(everything=True)
+        self.leading = True
+        log.info("job ledger leads: %d unfinished jobs", len(self.active))
+        self.pump()
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -143,7 +162,7 @@ class JobLedger:
             self.machine.withdraw(recs)
             raise
         self._perform(self.machine.accepted(recs))
-        self.pump()
+        self.pump()  # a follower's jobs wait for the leader's next read (SYNC_EVERY)
 
     def find_active(self, node: str, verb: str, model: str) -> JobRec | None:
         return self.machine.find_active(node, verb, model)
@@ -153,7 +172,7 @@ class JobLedger:
 
     def pump(self) -> None:
         """Dispatch every held job that may start now, oldest first."""
-        if not self.ready:
+        if not self.ready or not self.leading:
             self.machine.pump_due = False
             return
         self._perform(self.machine.pump(self.registry.agents, self._broker_up, _now()))
@@ -173,6 +192,14 @@ class JobLedger:
 
     def cancel(self, rec: JobRec) -> None:
         self._perform(self.machine.cancel(rec, self.registry.agents, self._broker_up, _now()))
+        if not self.leading:  # the leader reads the row back; the agent's answer reaches everyone
+            self._spawn(self._write_now([rec]))
+
+    async def _write_now(self, recs: list[JobRec]) -> None:
+        try:
+            await self._db().write(js.upsert, [r.row() for r in recs])
+        except Exception:
+            log.exception("could not write jobs %s", [r.task_id for r in recs])
 
     # ---- effects -----------------------------------------------------------------------------
     def _perform(self, effects: Iterable[Effect]) -> None:
@@ -182,7 +209,8 @@ class JobLedger:
                 for ev in self._waiters.get(effect.rec.task_id, ()):
                     ev.set()
             elif isinstance(effect, Command):
-                self._spawn(self._send(effect))
+                if self.leading or effect.purpose is Purpose.CANCEL:  # a follower's cancel goes out itself
+                    self._spawn(self._send(effect))
             elif isinstance(effect, Lookup):
                 self._spawn(self._learn(effect.node, effect.job_id))
             elif isinstance(effect, Log):
@@ -239,6 +267,8 @@ class JobLedger:
         if self.store is None:
             return
         outbox = self.machine.drain()
+        if not self.leading:
+            return  # the leader writes these rows (a new leader rewrites what it holds newer: adopt)
         try:
             if outbox.rows:
                 await self.store.write(js.upsert, outbox.rows)
@@ -263,8 +293,16 @@ class JobLedger:
         while True:
             await asyncio.sleep(LEDGER_TICK)
             try:
-                self._perform(self.machine.tick(self.registry.agents, self._broker_up, _now()))
                 now = time.monotonic()
+                if now - self._last_sync >= SYNC_EVERY:
+                    self._last_sync = now
+                    await self._sync(everything=self.leading)
+                if not self.leading:
+                    if now - self._last_flush >= flush_every:
+                        self._last_flush = now
+                        await self.flush()  # drops the outbox: the leader writes
+                    continue
+                self._perform(self.machine.tick(self.registry.agents, self._broker_up, _now()))
                 if now - self._last_flush >= flush_every:
                     self._last_flush = now
                     await self.flush()
@@ -275,6 +313,17 @@ class JobLedger:
                 raise
             except Exception:
                 log.exception("job ledger tick failed")
+
+    async def _sync(self, everything: bool) -> None:
+        """Read back the rows of the jobs we hold (another controller may have ended them) and, for the
+        leader, every unfinished job (a follower's new ones; at promotion, all of the old leader's)."""
+        db = self._db()
+        rows = await db.read(js.rows_for, [r.task_id for r in self.active.values()])
+        if everything:
+            rows += await db.read(js.load_unfinished)
+        self._perform(self.machine.adopt(rows, _now()))
+        if self.leading:
+            self.pump()
 
     # ---- reads -----------------------------------------------------------------------------
     async def get(self, task_id: str) -> dict[str, Any] | None:

@@ -562,6 +562,42 @@ class JobMachine:
         self.dirty.add(rec.task_id)
         effects.append(Notify(rec))
 
+    # ---- several controllers (controller/cluster/leader.py) ------------------------------------
+    def adopt(self, rows: Iterable[Mapping[str, Any]], now: Now) -> list[Effect]:
+        """Rows another controller wrote, read back: the newer of row and record wins.
+
+        A job not in memory joins (submitted through another controller; or, for a new leader, any
+        unfinished job). A row that ended a job we hold unfinished ends it here too (the leader timed it
+        out; a follower cancelled it before it started). A record newer than its row (we heard the agent's
+        final status, the old leader died before writing it) is written again and its topic cleared."""
+        effects: list[Effect] = []
+        for row in rows:
+            status = JobStatus(row["status"])
+            key = (row["node_id"], row["job_id"])
+            rec = self.active.get(key) or self.recent.get(key)
+            if rec is None:
+                if not status.terminal and key not in self.learning:
+                    rec = JobRec.from_row(row, heard=now.mono)
+                    self._index(rec)
+                    effects += [Notify(rec), Log(logging.INFO, f"adopted job {rec.task_id} ({rec.status})")]
+                    self.pump_due = True
+                continue
+            if status.terminal and not rec.done:
+                for name in ROW_FIELDS - {"status"}:
+                    setattr(rec, name, row[name])
+                rec.status = status
+                self._index(rec)
+                effects.append(Notify(rec))
+                self.pump_due = True
+                continue
+            if rec.dispatched_at is None and row["dispatched_at"] is not None:  # the leader sent it
+                rec.dispatched_at, rec.attempts, rec.last_heard = row["dispatched_at"], row["attempts"], now.mono
+            if (rec.done and not status.terminal) or rec.seq > (_as_int(row["seq"]) or 0):
+                self.dirty.add(rec.task_id)
+                if rec.done and rec.seq > 0:
+                    self._clear_later(rec)
+        return effects
+
     # ---- the persistence outbox ----------------------------------------------------------------
     def _clear_later(self, rec: JobRec) -> None:
         if rec.key not in self.to_clear:

@@ -62,6 +62,14 @@ def load_unfinished() -> list[dict[str, Any]]:
     return cast(list[dict[str, Any]], list(q.dicts()))
 
 
+def rows_for(task_ids: list[str]) -> list[dict[str, Any]]:
+    """The rows of these jobs (another controller may have changed them)."""
+    rows: list[dict[str, Any]] = []
+    for i in range(0, len(task_ids), CHUNK):
+        rows += cast(list[dict[str, Any]], list(Job.select().where(Job.task_id.in_(task_ids[i:i + CHUNK])).dicts()))
+    return rows
+
+
 def find(node: str, job_id: str) -> dict[str, Any] | None:
     q = Job.select().where((Job.node_id == node) & (Job.job_id == job_id))
     return cast(dict[str, Any] | None, q.dicts().first())

@@ -4,17 +4,17 @@ Candidates are routable agents that have the model installed. Agents that failed
 agents with `weight=0` are kept at the end of the order, as last resorts. The strategies:
 
 - `round_robin`: smooth weighted round-robin per model (weights from agent tags `weight=N`).
-- `least_busy`: fewest in-flight requests per weight, then warm (model loaded) first, then the seed's
-  metrics score, then round-robin among equals.
-- `metrics`: the seed's score cpu% + mem% + gpu% + gpu_mem% + 10 x in-flight (divided by the weight),
-  minus a bonus when the model is already loaded; every candidate above 80 % CPU -> round-robin;
+- `least_busy`: fewest in-flight requests per weight (ours plus other controllers', `others`), then warm
+  (model loaded) first, then the seed's metrics score, then round-robin among equals.
+- `metrics`: the seed's score cpu% + mem% + gpu% + gpu_mem% + 10 x in-flight (all controllers'; divided by
+  the weight), minus a bonus when the model is already loaded; every candidate above 80 % CPU -> round-robin;
   ties -> larger total GPU memory -> round-robin.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +40,9 @@ def weight(a: AgentRecord) -> float:
     return 1.0
 
 
-def score(a: AgentRecord) -> float:
-    """The seed's load score (lower is better) from the last heartbeat and the controller's in-flight count."""
+def score(a: AgentRecord, others: int = 0) -> float:
+    """The seed's load score (lower is better) from the last heartbeat and the in-flight count (this controller's
+    plus `others`, other controllers')."""
     m = a.metrics
     gpus = [g for g in m.get("gpus") or () if isinstance(g, dict)]
     utils = [g["util"] for g in gpus if isinstance(g.get("util"), (int, float))]
@@ -49,7 +50,7 @@ def score(a: AgentRecord) -> float:
     total = sum(g["mem_total"] for g in gpus if isinstance(g.get("mem_total"), (int, float)))
     return (float(m.get("cpu") or 0.0) + float(m.get("mem") or 0.0)
             + (sum(utils) / len(utils) if utils else 0.0) + (used / total * 100.0 if total else 0.0)
-            + ACTIVE_WEIGHT * a.in_flight)
+            + ACTIVE_WEIGHT * (a.in_flight + others))
 
 
 def gpu_memory(a: AgentRecord) -> int:
@@ -112,6 +113,8 @@ class Router:
         self._turn: dict[str, int] = {}  # model -> tie-break rotation
         self._names = _NameCache()
         self._loaded = _NameCache()
+        # agent -> requests other controllers have in flight on it (controller/cluster/load.py); read only here
+        self.others: Mapping[str, int] = {}
 
     # ---- feedback from the proxy -------------------------------------------------------------
     def failed(self, node: str) -> None:
@@ -197,10 +200,13 @@ class Router:
         return cands[i:] + cands[:i]
 
     def _least_busy(self, key: str, cands: list[AgentRecord], note: str) -> Decision:
-        figures = {a.node_id: ((a.in_flight + 1) / (weight(a) or 1.0), not self.warm(a, key), score(a))
+        others = self.others
+        busy = {a.node_id: a.in_flight + others.get(a.node_id, 0) for a in cands}
+        figures = {a.node_id: ((busy[a.node_id] + 1) / (weight(a) or 1.0), not self.warm(a, key),
+                               score(a, others.get(a.node_id, 0)))
                    for a in cands}
         order = self._ranked(key, cands, lambda a: figures[a.node_id])
-        shown = [(a.node_id, f"in_flight={a.in_flight} {'cold' if f[1] else 'warm'} score={f[2]:.1f}")
+        shown = [(a.node_id, f"in_flight={busy[a.node_id]} {'cold' if f[1] else 'warm'} score={f[2]:.1f}")
                  for a in order for f in (figures[a.node_id],)]
         return Decision(key, "least_busy", order, shown, note)
 
@@ -211,7 +217,8 @@ class Router:
         figures = {}
         for a in cands:
             w = weight(a) or 1.0
-            figures[a.node_id] = (round(score(a) / w - (WARM_BONUS if self.warm(a, key) else 0.0), 3),
+            figures[a.node_id] = (round(score(a, self.others.get(a.node_id, 0)) / w
+                                        - (WARM_BONUS if self.warm(a, key) else 0.0), 3),
                                   -gpu_memory(a))
         order = self._ranked(key, cands, lambda a: figures[a.node_id])
         shown = [(a.node_id, f"score={figures[a.node_id][0]:.1f} cpu={a.metrics.get('cpu')}") for a in order]

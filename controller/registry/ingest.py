@@ -16,6 +16,7 @@ from ollama_fleet import mqtt as fmqtt
 from ollama_fleet.contract.protocol import (
     CONTROLLER_NODE,
     NODE_TOPICS,
+    PEER_KINDS,
     PROTO,
     PROTO_RANGE,
     RETAINED_KINDS,
@@ -54,6 +55,8 @@ class Ingest:
         self.connected = asyncio.Event()
         self.connected_at = 0.0  # wall time the current broker connection was made (stale checks count from it)
         self.commands: dict[str, ControllerCommand] = {}  # fleet-level verbs (cmd/_controller/<verb>)
+        # what other controllers say (controllers/<instance>/<kind>, PEER_KINDS): kind -> handler(instance, doc)
+        self.peers: dict[str, Callable[[str, dict[str, Any]], None]] = {}
         self._pending: dict[str, dict[str, dict[str, Any]]] = {}  # snapshots seen before their node's state
         self._last_log: dict[str, float] = {}
         self._rebirth_asked: dict[str, float] = {}
@@ -83,6 +86,7 @@ class Ingest:
                     fmqtt.direct_dispatch(client, self.handle)
                     await client.subscribe(self.topics.nodes_wildcard, qos=1)
                     await client.subscribe(self.topics.controller_cmd_wildcard, qos=1)
+                    await client.subscribe(self.topics.peers_wildcard, qos=1)
                     # announce after subscribing: agents answer with births we must not miss
                     await client.publish(self.topics.controller_status, self._status(True), qos=1, retain=True)
                     self.client, attempt = client, 0
@@ -115,6 +119,9 @@ class Ingest:
         try:
             if topic.startswith(self.topics.prefix + "/cmd/"):
                 self._controller_command(topic, payload)
+                return
+            if topic.startswith(self.topics.prefix + "/controllers/"):
+                self._peer(topic, payload)
                 return
             node, kind, job_id = self.topics.parse_node_topic(topic)
             if not payload:
@@ -167,6 +174,24 @@ class Ingest:
         doc = decode(payload, self.max_bytes)
         self.counters["controller_commands"] += 1
         self._spawn(self.commands[verb](doc))
+
+    def _peer(self, topic: str, payload: Any) -> None:
+        instance, kind = self.topics.parse_peer_topic(topic)
+        if instance == self.instance or not payload:
+            return  # our own message comes back to us too
+        handler = self.peers.get(kind)
+        if handler is None:
+            raise ProtocolError("unknown_topic", topic)
+        handler(instance, decode(payload, self.max_bytes))
+        self.counters["peer_messages"] += 1
+
+    async def publish_peer(self, kind: str, doc: dict[str, Any]) -> None:
+        """Tell the other controllers (PEER_KINDS); MqttError when off the broker."""
+        if self.client is None:
+            raise aiomqtt.MqttError("not connected to the broker")
+        qos, retain = PEER_KINDS[kind]
+        await self.client.publish(self.topics.peer(self.instance, kind), encode({"v": PROTO, **doc}),
+                                  qos=qos, retain=retain)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Work started from a message: kept referenced (not garbage-collected mid-flight) and its

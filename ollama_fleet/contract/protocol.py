@@ -35,12 +35,27 @@ NODE_TOPICS: dict[str, tuple[int, bool]] = {
 }
 RETAINED_KINDS = tuple(k for k, (_, r) in NODE_TOPICS.items() if r and k != "jobs")
 
+# Controller-to-controller topics (several controllers, docs/scaling.md): kind -> (qos, retain), under
+# `controllers/<instance>/`, where the instance is a controller process's session id. Agents never read them.
+PEER_KINDS: dict[str, tuple[int, bool]] = {
+    "registry": (1, False),  # an operator's change to the registry made on one controller: all apply it
+    "load": (0, False),  # its in-flight requests, slots and queue, every LOAD_EVERY (controller/cluster/load.py)
+}
+SESSION_RE = re.compile(r"^[0-9a-f]{32}$")  # a controller instance (new_session)
+
 # Payload hardening (decode): every string is cleaned (lone surrogates and NUL replaced, invalid UTF-8
 # replaced) and cut, and nesting is bounded, so nothing downstream (registry, JSON columns, SQL) can fail
 # on what an agent sent. Real payloads nest 4 levels and carry strings far shorter than these.
 STRING_MAX = 4096  # characters per string (keys too)
 DEPTH_MAX = 32  # levels of objects/arrays
 SESSION_MAX = 64  # a session id is a uuid4 hex (32); the database column holds 64
+
+# A controller's load document (controllers/<instance>/load): every map is bounded so one document stays below
+# max_payload_bytes, and counts are plain non-negative integers.
+LOAD_MAPS = ("inflight", "slots", "queued")  # agent -> requests in flight, agent -> admission slots, model -> queued
+LOAD_ENTRIES_MAX = 512  # entries per map
+LOAD_COUNT_MAX = 1_000_000  # per entry
+MODEL_KEY_MAX = 255  # characters of a model name in `queued`
 
 STATES = WIRE_STATES  # what an agent (or its will) says about itself
 CONTROLLER_NODE = "_controller"  # fleet-level commands the controller obeys: cmd/_controller/<verb>
@@ -87,6 +102,22 @@ class Topics:
     @property
     def controller_cmd_wildcard(self) -> str:
         return f"{self.prefix}/cmd/{CONTROLLER_NODE}/+"
+
+    def peer(self, instance: str, kind: str) -> str:
+        """`<prefix>/controllers/<instance>/<kind>`: what one controller tells the others (PEER_KINDS)."""
+        return f"{self.prefix}/controllers/{instance}/{kind}"
+
+    @property
+    def peers_wildcard(self) -> str:
+        return f"{self.prefix}/controllers/+/+"
+
+    def parse_peer_topic(self, topic: str) -> tuple[str, str]:
+        """`<prefix>/controllers/<instance>/<kind>` -> (instance, kind) or ProtocolError."""
+        head = self.prefix + "/controllers/"
+        parts = topic[len(head):].split("/") if topic.startswith(head) else []
+        if len(parts) != 2 or not SESSION_RE.match(parts[0]) or parts[1] not in PEER_KINDS:
+            raise ProtocolError("unknown_topic", topic)
+        return parts[0], parts[1]
 
     def agent_subscriptions(self, node_id: str) -> list[str]:
         return [f"{self.prefix}/cmd/{node_id}/+", f"{self.prefix}/cmd/{BROADCAST_NODE}/+", self.controller_status]
@@ -203,6 +234,25 @@ def check(kind: str, doc: dict[str, Any]) -> dict[str, Any]:
         _require(doc, "status", str)
     elif kind == "events":
         _require(doc, "event", str)
+    return doc
+
+
+def check_load(doc: dict[str, Any], instance: str) -> dict[str, Any]:
+    """Validate a controller's load document (after `decode`) published on `instance`'s topic."""
+    if _require(doc, "instance", str) != instance:
+        raise ProtocolError("bad_payload", "'instance' differs from the topic's")
+    _require(doc, "ts", NUM)
+    _require(doc, "leader", bool)
+    for key in LOAD_MAPS:
+        counts = _require(doc, key, dict)
+        if len(counts) > LOAD_ENTRIES_MAX:
+            raise ProtocolError("bad_payload", f"'{key}' has more than {LOAD_ENTRIES_MAX} entries")
+        for name, n in counts.items():
+            ok_name = len(name) <= MODEL_KEY_MAX if key == "queued" else NODE_ID_RE.match(name) is not None
+            if not ok_name or not name:
+                raise ProtocolError("bad_payload", f"'{key}' has a bad name")
+            if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= LOAD_COUNT_MAX:
+                raise ProtocolError("bad_payload", f"'{key}' counts must be integers 0..{LOAD_COUNT_MAX}")
     return doc
 
 
