@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import peewee as pw
-from playhouse.db_url import connect
+from playhouse.db_url import connect, parse
+from playhouse.pool import PooledDatabase
 
 from ollama_fleet.controller.migrations import MIGRATIONS, Migration, upgrade
 
@@ -22,6 +23,19 @@ SQLITE_PRAGMAS = {
     "foreign_keys": 1,
     "cache_size": -16000,
 }
+
+# PostgreSQL gets a connection pool per process (playhouse.pool): every Store call takes a connection and
+# gives it back (connection_context), so a read costs a round trip instead of a new server backend. The
+# pool checks a connection with a round trip when it hands it out and drops a broken one (killed by the
+# server, lost in a restart), so a dead connection is never handed out twice. Each default below gives
+# way to the same name in the URL's query (`postgresql://host/db?max_connections=16`).
+POOLED_SCHEMES = {"postgres": "postgresql+pool", "postgresql": "postgresql+pool",
+                  "postgres+pool": "postgresql+pool", "postgresql+pool": "postgresql+pool"}
+POOL_MAX_CONNECTIONS = 8  # the Store asks for its threads + POOL_HEADROOM (registry/store.py)
+POOL_HEADROOM = 3  # beyond the Store's threads: the thread that opened it, other short uses off its threads
+POOL_STALE_TIMEOUT = 300  # seconds: a connection is replaced once this old, before idle cut-offs (NAT, poolers) do
+POOL_WAIT_TIMEOUT = 10  # seconds a thread waits for a free connection before MaxConnectionsExceeded
+CONNECT_TIMEOUT = 10  # seconds libpq waits for an unreachable server (the OS default is minutes)
 
 
 class JSONField(pw.TextField):
@@ -124,17 +138,42 @@ def default_url(data_dir: Path) -> str:
     return f"sqlite:///{data_dir / 'fleet.db'}"
 
 
-def init_db(url: str, migrations: Sequence[Migration] = MIGRATIONS) -> pw.Database:
+def init_db(url: str, migrations: Sequence[Migration] = MIGRATIONS, *,
+            max_connections: int = POOL_MAX_CONNECTIONS) -> pw.Database:
     """Connect the proxy to `url`, create missing tables and apply missing schema migrations (see
-    controller/migrations.py). Safe to call on every start; SchemaTooNew for a newer database."""
+    controller/migrations.py). Safe to call on every start; SchemaTooNew for a newer database.
+    PostgreSQL is pooled, at most `max_connections` at once (unless the URL says otherwise)."""
     if url.startswith("sqlite"):
         database = connect(url, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
     else:
-        database = connect(url)
+        pool_url, options = pooled(url, max_connections)
+        database = connect(pool_url, **options)
     db.initialize(database)
     with database.connection_context():
         upgrade(database, MODELS, migrations)
     return cast(pw.Database, database)
+
+
+def pooled(url: str, max_connections: int = POOL_MAX_CONNECTIONS) -> tuple[str, dict[str, Any]]:
+    """(url, connect() keywords): a PostgreSQL URL on the pooled scheme with the pool's defaults for what
+    its query leaves out; any other URL as it is."""
+    scheme, sep, rest = url.partition("://")
+    if scheme not in POOLED_SCHEMES:
+        return url, {}
+    url = f"{POOLED_SCHEMES[scheme]}{sep}{rest}"
+    given = parse(url)
+    defaults = {"max_connections": max_connections, "stale_timeout": POOL_STALE_TIMEOUT,
+                "timeout": POOL_WAIT_TIMEOUT, "connect_timeout": CONNECT_TIMEOUT}
+    return url, {k: v for k, v in defaults.items() if k not in given}
+
+
+def close_db(database: pw.Database) -> None:
+    """Close the calling thread's connection and, for a pool, every idle one (a connection another thread
+    still holds stays open: it is returned, and closed with the process)."""
+    if not database.is_closed():
+        database.close()
+    if isinstance(database, PooledDatabase):
+        database.close_idle()
 
 
 def now() -> float:

@@ -121,8 +121,7 @@ def test_a_killed_leader_is_replaced_and_its_pull_finishes_recorded_once(fleet, 
     old.kill()  # SIGKILL: no goodbye, no last flush; PostgreSQL frees its lock with the connection
     rest = [c for c in cs if c is not old]
     new = one_leader(*rest, timeout=15)
-    done = wait_task(new, task_id, timeout=40, status="completed")
-    assert done["attempts"] >= 1
+    wait_task(new, task_id, timeout=40, status="completed")
     wait_until(lambda: sql(pg_url, "SELECT status FROM job WHERE task_id = %s", task_id) == [("completed",)],
                what="the pull's outcome written once by the new leader")
     # the new leader dispatches: a job asked of the remaining follower runs

@@ -591,7 +591,8 @@ class JobMachine:
                 self.pump_due = True
                 continue
             if rec.dispatched_at is None and row["dispatched_at"] is not None:  # the leader sent it
-                rec.dispatched_at, rec.attempts, rec.last_heard = row["dispatched_at"], row["attempts"], now.mono
+                rec.dispatched_at, rec.last_heard = row["dispatched_at"], now.mono
+            rec.attempts = max(rec.attempts, row["attempts"] or 0)
             if (rec.done and not status.terminal) or rec.seq > (_as_int(row["seq"]) or 0):
                 self.dirty.add(rec.task_id)
                 if rec.done and rec.seq > 0:

@@ -93,12 +93,41 @@ def clean_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+JOURNALS_MAX = 64  # controller processes on one data_dir (`fleet controller --workers N`)
+
+
+def _claim(directory: Path) -> Path:
+    """The first of `<dir>`, `<dir>.2`, … that no other process holds: several controllers on one data_dir
+    (workers) each keep a journal of their own, and a restarted one replays only its own leftovers. The
+    lock (`flock` on `.lock`) lives as long as the process; the kernel drops it when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one controller per data_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+    for i in range(1, JOURNALS_MAX + 1):
+        candidate = directory if i == 1 else directory.with_name(f"{directory.name}.{i}")
+        candidate.mkdir(parents=True, exist_ok=True)
+        fd = os.open(candidate / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _HELD.append(fd)  # kept open for the life of the process
+        return candidate
+    raise OSError(f"{JOURNALS_MAX} controllers already hold journals in {directory.parent}")
+
+
+_HELD: list[int] = []
+
+
 class Journal:
     """Append-only segment files (`<seq>.jsonl`, one JSON array per row in COLUMNS order). A segment is
     sealed when the flusher drains the buffer and deleted once its rows are committed."""
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = _claim(directory)
         self.dir = directory
         self.leftover = sorted(directory.glob("*.jsonl"))  # from a crash: replayed by `replay_journal`
         self._seq = max((int(p.stem) for p in self.leftover if p.stem.isdigit()), default=0)

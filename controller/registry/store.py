@@ -10,17 +10,22 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import peewee as pw
+from playhouse.pool import MaxConnectionsExceeded
 
-from ollama_fleet.controller.db import Agent, Event, Gpu, InstalledModel, MetricSample, db, init_db
+from ollama_fleet.controller.db import (POOL_HEADROOM, Agent, Event, Gpu, InstalledModel, MetricSample, close_db, db,
+                                        init_db)
 from ollama_fleet.controller.registry.live import Batch
 
 log = logging.getLogger("fleet.store")
 
 T = TypeVar("T")
 CHUNK = 200  # rows per INSERT: well under SQLite's bound-variable limit
-# Connection-level failures (database locked or busy, server gone): the batch goes back to the registry
-# and is written next time. Anything else (encoding, integrity, overflow, value errors) is about a row.
-TRANSIENT = (pw.OperationalError, pw.InterfaceError)
+WRITER_THREADS = 1  # one writer: batches are written in order
+READER_THREADS = 4
+# Connection-level failures (database locked or busy, server gone, no pooled connection free in time): the
+# batch goes back to the registry and is written next time. Anything else (encoding, integrity, overflow,
+# value errors) is about a row.
+TRANSIENT = (pw.OperationalError, pw.InterfaceError, MaxConnectionsExceeded)
 
 
 def transient(exc: BaseException) -> bool:
@@ -37,9 +42,10 @@ class BatchStats:
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.database = init_db(url)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fleet-db-writer")
-        self._readers = ThreadPoolExecutor(4, thread_name_prefix="fleet-db-reader")
+        # a pooled database (PostgreSQL): a connection for each of our threads, and a few for others
+        self.database = init_db(url, max_connections=WRITER_THREADS + READER_THREADS + POOL_HEADROOM)
+        self._writer = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="fleet-db-writer")
+        self._readers = ThreadPoolExecutor(READER_THREADS, thread_name_prefix="fleet-db-reader")
         self.flushes = 0
         self.rows_written = 0
         self.stats = BatchStats()
@@ -73,8 +79,7 @@ class Store:
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._readers.shutdown(wait=True)
-        if not self.database.is_closed():
-            self.database.close()
+        close_db(self.database)
 
 
 def _chunks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
