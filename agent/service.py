@@ -30,6 +30,7 @@ from ollama_fleet.agent.outbox import Outbox
 from ollama_fleet.contract.jobs import JOB_VERBS
 from ollama_fleet.contract.protocol import (
     NODE_ID_RE,
+    ROLE_ACCOUNT_RE,
     PROTO,
     PROTO_RANGE,
     ProtocolError,
@@ -61,6 +62,9 @@ class Agent:
         self.node_id = cfg.node_id or username or default_node_id(cfg.ollama_url)
         if not NODE_ID_RE.match(self.node_id):
             raise ConfigError(f"node_id {self.node_id!r} must match {NODE_ID_RE.pattern}")
+        if ROLE_ACCOUNT_RE.match(self.node_id):
+            raise ConfigError(f"node_id {self.node_id!r} is a role's account (broker/fleet.acl gives it more "
+                              "than a node's rights): choose another node id and MQTT user")
         if username and username != self.node_id:
             log.warning("node id %r differs from MQTT username %r: with the shipped ACL every publish "
                         "will be denied", self.node_id, username)

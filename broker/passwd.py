@@ -21,12 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ollama_fleet.contract.protocol import ROLE_ACCOUNT_RE
+
 HASH_ID = 7
 ITERATIONS = 101
 SALT_BYTES = 12
 KEY_BYTES = 64
 DEFAULT_PASSWORD_FILE = Path("/mosquitto/config/fleet.passwd")
-RESERVED_USERS = frozenset({"controller", "operator"})
+RESERVED_USERS = frozenset({"controller", "operator"})  # and `controller-N`, one per more controller: ROLE_ACCOUNT_RE
 # Node id rule from the topic tree: one whole topic level, no MQTT wildcards, no leading "_"
 # ("_all"/"_controller" are command targets, not nodes).
 USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -34,13 +36,13 @@ USERNAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 def validate_username(username: str) -> str:
     """Return ``username`` if it is a valid node id or a reserved account, else raise ValueError."""
-    if username in RESERVED_USERS:
+    if ROLE_ACCOUNT_RE.match(username):
         return username
     if not isinstance(username, str) or not USERNAME_RE.fullmatch(username):
         raise ValueError(
             f"invalid MQTT username {username!r}: node ids must match [a-z0-9][a-z0-9-]{{0,62}} "
             f"(lowercase letters, digits, '-'; at most 63 chars); reserved accounts: "
-            f"{', '.join(sorted(RESERVED_USERS))}"
+            f"{', '.join(sorted(RESERVED_USERS))}, controller-N"
         )
     return username
 

@@ -147,7 +147,8 @@ def init_db(url: str, migrations: Sequence[Migration] = MIGRATIONS, *,
         database = connect(url, pragmas=SQLITE_PRAGMAS, check_same_thread=False)
     else:
         pool_url, options = pooled(url, max_connections)
-        database = connect(pool_url, **options)
+        # a password with URL characters (`@`, `:`, `/`) is written percent-encoded in the URL
+        database = connect(pool_url, unquote_password=True, unquote_user=True, **options)
     db.initialize(database)
     with database.connection_context():
         upgrade(database, MODELS, migrations)

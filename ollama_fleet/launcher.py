@@ -80,6 +80,15 @@ def _shared_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _die_with_parent() -> None:
+    """In a worker before it runs (Linux): SIGTERM when the supervisor dies, even by SIGKILL, so no
+    worker is left holding the port and its MQTT account."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def supervise(workers: int) -> int:
     """Start `workers` controller processes with this command's arguments and environment; restart one
     that dies (with backoff); on SIGTERM/SIGINT stop them all and wait for their graceful shutdown."""
@@ -91,7 +100,8 @@ def supervise(workers: int) -> int:
 
     def start(index: int) -> None:
         env = {**os.environ, WORKER_ENV: str(index)}
-        procs[index] = subprocess.Popen([sys.executable, "-m", "ollama_fleet.cli", *sys.argv[1:]], env=env)
+        procs[index] = subprocess.Popen([sys.executable, "-m", "ollama_fleet.cli", *sys.argv[1:]], env=env,
+                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         started[index] = time.monotonic()
         log.info("controller worker %d started (pid %d)", index, procs[index].pid)
 

@@ -26,6 +26,11 @@ def test_node_id_defaults_to_mqtt_username_and_is_validated():
     assert _agent(mqtt_url="mqtt://gpu-07:pw@127.0.0.1:1", node_id="gpu-08").node_id == "gpu-08"
     with pytest.raises(ConfigError, match="node_id"):
         _agent(node_id="Bad/Id")
+    # role accounts have more than a node's rights in broker/fleet.acl: no agent may take one
+    for role in ("controller", "controller-2", "operator"):
+        with pytest.raises(ConfigError, match="role's account"):
+            _agent(mqtt_url=f"mqtt://{role}:pw@127.0.0.1:1")
+    assert _agent(node_id="controller-room-2").node_id == "controller-room-2"  # only the role names
 
 
 async def test_heartbeat_survives_every_collector_failing(monkeypatch):

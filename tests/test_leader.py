@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -131,26 +132,62 @@ def test_a_killed_leader_is_replaced_and_its_pull_finishes_recorded_once(fleet, 
     assert sql(pg_url, "SELECT count(*) FROM job") == [(2,)]
 
 
-def test_workers_share_one_port_with_one_leader_and_restart(fleet, tmp_path):
-    password = fleet.broker.passwords.get("ctlw") or None
+def workers(fleet: Any, tmp_path: Any, n: int) -> Controller:
+    """`fleet controller --workers n` as account `ctlw` (worker N: `ctlw-N`, same password)."""
     if "ctlw" not in fleet.broker.passwords:
         password = fleet.broker.passwords[fleet.broker.add_account("controller", "ctlw")]
-        fleet.broker.add_account("controller", "ctlw-2", password=password)
-    c = Controller(tmp_path, fleet.broker.url("ctlw"), {"FLEET_WORKERS": "2"}, wait=False)
+        for i in range(2, n + 1):
+            fleet.broker.add_account("controller", f"ctlw-{i}", password=password)
+    c = Controller(tmp_path, fleet.broker.url("ctlw"), {"FLEET_WORKERS": str(n)}, wait=False)
     fleet._procs.append(c)
     c.wait_ready()
+    return c
 
-    def instances() -> dict[str, dict[str, Any]]:
-        seen: dict[str, dict[str, Any]] = {}
-        for _ in range(40):  # a new connection each time: the kernel spreads them over the workers
-            h = httpx.get(c.url + "/healthz", timeout=5, trust_env=False).json()
-            seen[h["instance"]] = h
-        return seen
 
-    both = wait_until(lambda: (lambda s: s if len(s) == 2 else None)(instances()), 20, what="both workers serving")
+def instances(c: Controller) -> dict[str, dict[str, Any]]:
+    """The workers that answered /healthz, by instance."""
+    seen: dict[str, dict[str, Any]] = {}
+    for _ in range(40):  # a new connection each time: the kernel spreads them over the workers
+        h = httpx.get(c.url + "/healthz", timeout=5, trust_env=False).json()
+        seen[h["instance"]] = h
+    return seen
+
+
+def all_serving(c: Controller, n: int) -> dict[str, dict[str, Any]]:
+    return wait_until(lambda: (lambda s: s if len(s) == n else None)(instances(c)), 20, what=f"{n} workers serving")
+
+
+def test_workers_share_one_port_with_one_leader_and_restart(fleet, tmp_path):
+    c = workers(fleet, tmp_path, 2)
+
+    both = all_serving(c, 2)
     assert sum(h["leader"] for h in both.values()) == 1
     victim = next(h for h in both.values() if not h["leader"])
     os.kill(victim["pid"], signal.SIGKILL)
-    wait_until(lambda: (lambda s: len(s) == 2 and victim["instance"] not in s)(instances()), 30,
+    wait_until(lambda: (lambda s: len(s) == 2 and victim["instance"] not in s)(instances(c)), 30,
                what="the killed worker restarted by the supervisor")
     assert c.stop() == 0  # SIGTERM: the supervisor stops every worker and waits for them
+
+
+def test_workers_end_with_a_killed_supervisor(fleet, tmp_path):
+    c = workers(fleet, tmp_path, 2)
+    pids = {h["pid"] for h in all_serving(c, 2).values()}
+    c.kill()  # SIGKILL: the supervisor cannot forward anything; the kernel tells the workers (PDEATHSIG)
+
+    def port_free() -> bool:
+        try:
+            httpx.get(c.url + "/healthz", timeout=2, trust_env=False)
+        except httpx.ConnectError:
+            return True
+        return False
+
+    wait_until(port_free, 20, what="no worker left on the port")
+    wait_until(lambda: all(gone(p) for p in pids), 20, what="both workers ended")
+
+
+def gone(pid: int) -> bool:
+    """Ended: no such process, or a zombie waiting for its new parent to reap it."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True

@@ -118,7 +118,8 @@ def lock_for(url: str) -> _Lock:
     """The lock that elects one leader among the controllers on this database URL."""
     scheme = url.split("://", 1)[0].split("+", 1)[0]
     if scheme in ("postgres", "postgresql", "postgresext", "postgresqlext"):
-        params = {k: v for k, v in parse(url).items() if k in ("database", "user", "password", "host", "port")}
+        params = {k: v for k, v in parse(url, unquote_password=True, unquote_user=True).items()
+                  if k in ("database", "user", "password", "host", "port")}
         if "database" in params:
             params["dbname"] = params.pop("database")
         return _PgLock(params)

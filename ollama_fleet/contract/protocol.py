@@ -21,6 +21,9 @@ PROTO_RANGE = (1, 1)
 
 NODE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# Broker accounts that are roles, not nodes (broker/fleet.acl grants them by name): `controller`,
+# `controller-2`, … (one per controller process, docs/scaling.md) and `operator`. No agent may take one.
+ROLE_ACCOUNT_RE = re.compile(r"^(controller(-[0-9]{1,4})?|operator)$")
 
 # Node topics: kind -> (qos, retain). `jobs/<id>` is retained status; `events` is a log stream.
 NODE_TOPICS: dict[str, tuple[int, bool]] = {
