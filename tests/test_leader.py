@@ -72,6 +72,11 @@ def test_any_controller_takes_jobs_and_changes_and_the_leader_alone_writes(fleet
     for c in (c1, c2):
         c.wait_agent("ha-a", status="online", routable=True)
 
+    # the dashboard says which controller served the page, and its role
+    for c, role in ((leader, "leader"), (follower, "follower")):
+        served = f"served by controller {health(c)['instance'][:12]} ({role}) of 2"
+        wait_until(lambda c=c, served=served: served in c.http.get("/dashboard").text, what=f"the {role}'s footer")
+
     # a job asked of the follower: persisted there, dispatched by the leader, seen done by both
     task_id = distribute(follower, "tinyllama", "ha-a")
     for c in (follower, leader):

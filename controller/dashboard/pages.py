@@ -44,7 +44,8 @@ async def page(request: Request, template: str, nav: str, stream: str | None = N
     s = auth_web.session(request)
     ui = _ui(request)
     body = await ui.render(template, nav=nav, stream=stream, auth_on=bool(auth_web.admin_token(request)),
-                           csrf=s.csrf if s else "", read_only=bool(s and s.role == "viewer"), version=__version__, pulse=await ui.pulse(), **ctx)
+                           csrf=s.csrf if s else "", read_only=bool(s and s.role == "viewer"), version=__version__, pulse=await ui.pulse(),
+                           controller=ui.controller(), **ctx)
     return html(body, status=status, headers={"cache-control": "no-store"})
 
 

@@ -169,6 +169,12 @@ class UI:
     def agents(self) -> dict[str, AgentRecord]:
         return self.registry.agents
 
+    def controller(self) -> dict[str, Any]:
+        """Which controller served the page, whether it leads, how many it sees (docs/scaling.md)."""
+        f = self.fleet
+        return {"instance": f.ingest.instance[:12], "leader": f.leadership.is_leader,
+                "controllers": 1 + len(f.load.peers)}
+
     async def request_stats(self) -> dict[str, Any]:
         async def compute() -> dict[str, Any]:
             return await self.fleet.store.read(data.request_stats, time.time() - 86400)
