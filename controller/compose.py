@@ -72,11 +72,14 @@ class Fleet:
         self.hub = Hub()
         self.registry = Registry(self.hub, cfg.stale_after, cfg.metrics_sample_interval)
         self.ingest = Ingest(cfg, self.registry)
-        self.leadership = Leadership()  # one controller of several does what must happen once
-        self.peers = RegistrySync(self.registry, self.ingest)  # operators' registry changes, to every controller
+        # one controller of several does what must happen once; only while it is on the broker
+        self.leadership = Leadership(self.ingest.connected.is_set)
+        self.leadership.listeners.append(self._on_leadership)
+        self.peers = RegistrySync(self.registry, self.ingest, lambda: self.store)  # operators' registry changes, to every controller
         self.stats = RequestStats(self._known_model)  # the proxy's request numbers: /metrics, dashboard
         self.tracer = build_tracer(cfg)  # no-op unless otel_endpoint is set; ConfigError without the extra
-        self.proxy = Proxy(cfg, self.registry, tracer=self.tracer, stats=self.stats)
+        self.proxy = Proxy(cfg, self.registry, tracer=self.tracer, stats=self.stats,
+                           instance=self.ingest.instance)
         # the other controllers' load: their requests count in least_busy, their slots against each agent's capacity
         self.load = SharedLoad(self.ingest, self.registry, self.proxy.admission, lambda: self.leadership.is_leader)
         self.proxy.router.others = self.load.inflight
@@ -100,6 +103,10 @@ class Fleet:
         self.ingest.job_handler = self.jobs.apply
         self.ingest.commands["distribute"] = self.distributor.on_command
         self.ingest.commands["model.distribute"] = self.distributor.on_command  # the name specs/mqtt.md first planned
+
+    def _on_leadership(self, leading: bool) -> None:
+        if leading:  # followers wrote nothing: rows the old leader left may be behind the tree
+            self.registry.rewrite_all()
 
     def _known_model(self, name: str) -> bool:
         """A model worth its own metric label: in the catalogue or installed on some agent (RequestStats
@@ -136,7 +143,7 @@ class Fleet:
         store = self._store = Store(url)
         await self.leadership.open(url)
         self.jobs.leading = self.leadership.is_leader
-        self.leadership.listeners.append(self.jobs.lead)
+        self.jobs.leads = lambda: self.leadership.is_leader
         self.registry.load(*await store.read(load_registry))
         await self.proxy.start(store)
         log.info("registry loaded: %d agents from %s", len(self.registry.agents), url.split("://")[0])
@@ -164,6 +171,7 @@ class Fleet:
             ("job ledger", self.jobs.stop),  # its last flush, while the store is open
             ("local agent", self._stop_companion),
             ("registry flush", self.flush_registry),
+            ("leadership", self._hand_over),
             ("mqtt goodbye", lambda: asyncio.wait_for(self.ingest.stop(), GOODBYE_TIMEOUT)),
             ("tasks", self._cancel_tasks),
             ("registry flush", self.flush_registry),
@@ -181,6 +189,14 @@ class Fleet:
             self._store.close()
         if self.broker is not None:
             await self.broker.close()
+
+    async def _hand_over(self) -> None:
+        """With other controllers about, let one of them lead now, not after our connections drained
+        (up to GRACEFUL_SHUTDOWN_TIMEOUT): they hear the same tree and write it from here on. Alone, we
+        keep writing to the last flush."""
+        if self.load.peers:
+            self.jobs.leading = False
+            await asyncio.to_thread(self.leadership.close)
 
     async def _stop_companion(self) -> None:
         if self.companion is not None and self._companion_task is not None:

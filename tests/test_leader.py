@@ -63,12 +63,13 @@ def distribute(c: Controller, model: str, node: str) -> str:
 def test_any_controller_takes_jobs_and_changes_and_the_leader_alone_writes(fleet, pg_url):
     if "controller-3" not in fleet.broker.passwords:
         fleet.broker.add_account("controller", "controller-3")  # the sender of a hostile peer message
-    c1 = fleet.controller(fleet_database_url=pg_url)
-    c2 = fleet.controller(account="controller-2", fleet_database_url=pg_url)
+    one_pull = {"fleet_database_url": pg_url, "fleet_max_concurrent_pulls": "1"}
+    c1 = fleet.controller(**one_pull)
+    c2 = fleet.controller(account="controller-2", **one_pull)
     leader = one_leader(c1, c2)
     follower = c2 if leader is c1 else c1
     assert health(follower)["instance"] != health(leader)["instance"]
-    fleet.agent("ha-a", fleet.fake_ollama("ha-a", pull_total=8 * MB, pull_speed=8 * MB).url)
+    fleet.agent("ha-a", fleet.fake_ollama("ha-a", pull_total=16 * MB, pull_speed=8 * MB).url)
     for c in (c1, c2):
         c.wait_agent("ha-a", status="online", routable=True)
 
@@ -83,6 +84,17 @@ def test_any_controller_takes_jobs_and_changes_and_the_leader_alone_writes(fleet
         wait_task(c, task_id, timeout=30, status="completed")
     wait_until(lambda: sql(pg_url, "SELECT status FROM job WHERE task_id = %s", task_id) == [("completed",)],
                what="the job recorded once, completed")
+
+    # a job the follower cancels before anyone sent it: never sent, cancelled everywhere, one row
+    first = distribute(follower, "gemma3:1b", "ha-a")
+    held = distribute(follower, "nomic-embed-text", "ha-a")  # waits for the one fleet pull slot
+    wait_task(leader, first, timeout=20, status="in_progress")
+    wait_task(leader, held, timeout=10, status="pending")
+    assert follower.http.post(f"/api/tasks/{held}/cancel").status_code == 202
+    for c in (follower, leader):
+        wait_task(c, held, timeout=10, status="cancelled")
+    wait_task(leader, first, timeout=30, status="completed")
+    assert sql(pg_url, "SELECT status, dispatched_at FROM job WHERE task_id = %s", held) == [("cancelled", None)]
 
     # an operator's change on the follower reaches the leader, which writes it
     r = follower.http.put("/api/agents/ha-a/settings", json={"display_name": "Via follower", "tags": ["ha"]})
@@ -134,7 +146,7 @@ def test_a_killed_leader_is_replaced_and_its_pull_finishes_recorded_once(fleet, 
     other = next(c for c in rest if c is not new)
     again = distribute(other, "gemma3:1b", "ha-b")
     wait_task(new, again, timeout=30, status="completed")
-    assert sql(pg_url, "SELECT count(*) FROM job") == [(2,)]
+    assert sql(pg_url, "SELECT count(*) FROM job") == [(2,)]  # each job one row
 
 
 def workers(fleet: Any, tmp_path: Any, n: int) -> Controller:
@@ -196,3 +208,139 @@ def gone(pid: int) -> bool:
         return "zombie" in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return True
+
+
+# ---- the supervisor of `--workers`: signals while starting, giving up, a worker that will not stop ----------
+
+def _worker_url(fleet: Any, n: int) -> str:
+    """The MQTT URL of `--workers n` as account `ctlw` (the accounts `workers` makes)."""
+    if "ctlw" not in fleet.broker.passwords:
+        password = fleet.broker.passwords[fleet.broker.add_account("controller", "ctlw")]
+        for i in range(2, n + 1):
+            fleet.broker.add_account("controller", f"ctlw-{i}", password=password)
+    url: str = fleet.broker.url("ctlw")
+    return url
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command: state, ppid, pgrp, session, …; [] when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _stat(int(d.name))) and int(st[1]) == pid:
+            found.append(int(d.name))
+    return found
+
+
+def _started(log: str) -> dict[int, int]:
+    """Worker index -> pid of its latest start, from the supervisor's log."""
+    import re
+
+    return {int(i): int(pid) for i, pid in re.findall(r"controller worker (\d+) started \(pid (\d+)\)", log)}
+
+
+def _kill_left(pids: Any) -> None:
+    for pid in pids:
+        if not gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_that_keeps_failing_at_start_makes_the_supervisor_give_up(fleet, tmp_path):
+    """A configuration error that only the workers meet (here: their port is taken by another program)
+    must not loop forever: after START_FAILURES quick exits in a row the supervisor stops the others and
+    exits 1, saying why."""
+    import socket
+
+    from ollama_fleet.launcher import START_FAILURES
+
+    url = _worker_url(fleet, 2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        c = Controller(tmp_path, url, {"FLEET_WORKERS": "2", "FLEET_PORT": port}, wait=False)
+        fleet._procs.append(c)
+        assert c.proc is not None
+        try:
+            wait_until(lambda: c.proc.poll() is not None, 120, interval=0.5, what="the supervisor giving up")
+        finally:
+            _kill_left(_started(c.log()).values())
+    log = c.log()
+    assert c.proc.returncode == 1, log[-3000:]
+    assert f"exited {START_FAILURES} times in a row" in log and "giving up" in log, log[-3000:]
+    assert "Address already in use" in log  # the workers' own error is there to read
+    assert all(gone(pid) for pid in _started(log).values())
+
+
+def test_a_signal_while_workers_start_stops_those_started_and_starts_no_more(fleet, tmp_path):
+    """SIGTERM while the supervisor is starting its workers: the one started stops, the others never start,
+    and the workers are in sessions of their own (a terminal's Ctrl-C reaches only the supervisor). To catch
+    the supervisor mid-start every time, its output goes to a pipe the test has filled: the line it writes
+    after starting worker 1 blocks until the test reads."""
+    import fcntl
+    import sys
+    import threading
+
+    from ollama_fleet.broker.local import free_loopback_port
+    from tests.support import ROOT, _env
+
+    url = _worker_url(fleet, 3)
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
+    for size in (65536, 1):
+        try:
+            while True:
+                os.write(w, b"\n" * size)
+        except BlockingIOError:
+            pass
+    fcntl.fcntl(w, fcntl.F_SETFL, 0)  # the supervisor's writes block (the flag is shared with it)
+    env = _env({"FLEET_MQTT_URL": url, "FLEET_PORT": str(free_loopback_port()), "FLEET_DATA_DIR": str(tmp_path),
+                "FLEET_WORKERS": "3", "FLEET_AUTO_DISTRIBUTE": "0"})
+    sup = subprocess.Popen([sys.executable, "-m", "ollama_fleet.cli", "controller"], env=env, cwd=ROOT,
+                           stdout=w, stderr=w, start_new_session=True)
+    os.close(w)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: os.read(r, 65536), b"")), daemon=True)
+    seen: set[int] = set()
+    try:
+        first = wait_until(lambda: _children(sup.pid), 30, what="the first worker forked")
+        seen.update(first)
+        sup.send_signal(signal.SIGTERM)  # the supervisor is still in its start loop, blocked on its log line
+        worker = first[0]
+        wait_until(lambda: (st := _stat(worker)) and int(st[3]) == worker, 5, what="the worker in its own session")
+        reader.start()  # the supervisor goes on
+        assert sup.wait(30) == 0
+        reader.join(10)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        _kill_left(seen)
+        os.close(r)
+    log = b"".join(out).decode(errors="replace")
+    assert _started(log) == {1: worker}, log[-3000:]
+    assert gone(worker)
+
+
+def test_ctrl_c_stops_the_workers_and_one_that_will_not_stop_is_killed(fleet, tmp_path):
+    """The terminal's Ctrl-C (SIGINT to the foreground process group): the supervisor forwards it and waits;
+    a worker that does not stop (here: stopped with SIGSTOP) gets SIGKILL after STOP_DEADLINE."""
+    from ollama_fleet.launcher import STOP_DEADLINE
+
+    c = workers(fleet, tmp_path, 2)
+    pids = {h["pid"] for h in all_serving(c, 2).values()}
+    stuck = min(pids)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        os.killpg(c.pid, signal.SIGINT)
+        assert c.proc is not None
+        assert c.proc.wait(STOP_DEADLINE + 20) == 0
+    finally:
+        _kill_left(pids)
+    assert all(gone(pid) for pid in pids)
+    assert f"(pid {stuck}) still running" in c.log()

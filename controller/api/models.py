@@ -223,5 +223,5 @@ async def cancel_task(request: Request, task_id: str) -> HTTPResponse:
             error(404, f"task '{task_id}' not found")
     if rec.done:
         return error(409, f"task '{task_id}' already ended ({rec.status})")
-    ledger.cancel(rec)
+    await ledger.cancel(rec)
     return json(rec.to_json(), status=202)

@@ -21,7 +21,7 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import aiomqtt
@@ -80,6 +80,7 @@ class JobLedger:
         # and clears; a follower follows the agents' reports for its readers and writes only what its own
         # API did (new jobs, a cancel). Alone, a controller leads.
         self.leading = True
+        self.leads: Callable[[], bool] = lambda: True  # the election's verdict (controller/cluster/leader.py)
 
     # ---- the machine's state, as callers read it ----------------------------------------------
     @property
@@ -127,18 +128,22 @@ class JobLedger:
             self.apply(node, job_id, doc)
         self._tasks = [asyncio.create_task(self._loop(), name="fleet-jobs")]
 
-    def lead(self, leading: bool) -> None:
-        """The leadership listener: a new leader first reads back what the old one wrote."""
-        if not leading:
-            self.leading = False
-        elif not self.leading:
-            self._spawn(self._promote())
-
-    async def _promote(self) -> None:
+    async def _follow_the_election(self) -> None:
+        """Make `leading` what the election says, once per tick: a new leader first reads back what the
+        old one wrote (if that read fails it stays a follower and tries again next tick, and it never
+        leads once the election has moved on meanwhile)."""
+        if not self.leads():
+            if self.leading:
+                self.leading = False
+                log.info("job ledger follows")
+            return
+        if self.leading:
+            return
         await self._sync(everything=True)
-        self.leading = True
-        log.info("job ledger leads: %d unfinished jobs", len(self.active))
-        self.pump()
+        if self.leads():
+            self.leading = True
+            log.info("job ledger leads: %d unfinished jobs", len(self.active))
+            self.pump()
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -190,16 +195,17 @@ class JobLedger:
         self._perform(effects)
         return ignored
 
-    def cancel(self, rec: JobRec) -> None:
+    async def cancel(self, rec: JobRec) -> None:
+        """A held job ends at once, a running one through its agent. On a follower a job it holds as not yet
+        sent may have been sent by the leader meanwhile: the row decides (cancelled only while still
+        pending and unsent), else the agent is told; the leader reads the row back (SYNC_EVERY)."""
+        if not self.leading and rec.held:
+            now = _now()
+            if await self._db().write(js.cancel_unsent, rec.task_id, now.wall):
+                self._perform(self.machine.cancel(rec, self.registry.agents, self._broker_up, now))
+                return
+            rec.dispatched_at = rec.dispatched_at or now.wall  # the leader sent it: stop it on the agent
         self._perform(self.machine.cancel(rec, self.registry.agents, self._broker_up, _now()))
-        if not self.leading:  # the leader reads the row back; the agent's answer reaches everyone
-            self._spawn(self._write_now([rec]))
-
-    async def _write_now(self, recs: list[JobRec]) -> None:
-        try:
-            await self._db().write(js.upsert, [r.row() for r in recs])
-        except Exception:
-            log.exception("could not write jobs %s", [r.task_id for r in recs])
 
     # ---- effects -----------------------------------------------------------------------------
     def _perform(self, effects: Iterable[Effect]) -> None:
@@ -293,6 +299,7 @@ class JobLedger:
         while True:
             await asyncio.sleep(LEDGER_TICK)
             try:
+                await self._follow_the_election()
                 now = time.monotonic()
                 if now - self._last_sync >= SYNC_EVERY:
                     self._last_sync = now
@@ -318,7 +325,7 @@ class JobLedger:
         """Read back the rows of the jobs we hold (another controller may have ended them) and, for the
         leader, every unfinished job (a follower's new ones; at promotion, all of the old leader's)."""
         db = self._db()
-        rows = await db.read(js.rows_for, [r.task_id for r in self.active.values()])
+        rows = await db.read(js.rows_for, list(self.active))
         if everything:
             rows += await db.read(js.load_unfinished)
         self._perform(self.machine.adopt(rows, _now()))

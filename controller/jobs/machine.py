@@ -24,6 +24,7 @@ from ollama_fleet.contract.jobs import JOB_VERBS, STATUSES, JobFigures, JobStatu
 from ollama_fleet.contract.model_names import normalize
 from ollama_fleet.contract.status import AgentStatus
 
+CANCELLED_UNSENT = "cancelled before it started"
 RECENT_KEPT = 5000  # finished jobs kept in memory for quick reads and late duplicates
 
 Key: TypeAlias = tuple[str, str]  # (node_id, job_id): a job as its agent knows it
@@ -525,7 +526,7 @@ class JobMachine:
             return effects
         a = agents.get(rec.node_id)
         if rec.held:
-            self._end_locally(rec, JobStatus.CANCELLED, "cancelled", "cancelled before it started", now,
+            self._end_locally(rec, JobStatus.CANCELLED, "cancelled", CANCELLED_UNSENT, now,
                               effects)
         elif a is not None and a.state == AgentStatus.ONLINE and broker_up:
             rec.cancel_requested = True
@@ -583,11 +584,14 @@ class JobMachine:
                     self.pump_due = True
                 continue
             if status.terminal and not rec.done:
-                for name in ROW_FIELDS - {"status"}:
+                sent = not rec.held
+                for name in ROW_FIELDS - {"status", "task_id"}:  # a script's job may have another task id here
                     setattr(rec, name, row[name])
                 rec.status = status
                 self._index(rec)
                 effects.append(Notify(rec))
+                if sent and rec.verb in JOB_VERBS:  # ended elsewhere while its agent may still run it: stop it
+                    effects.append(Command(rec, "job.cancel", {"job_id": rec.job_id}, Purpose.STOP))
                 self.pump_due = True
                 continue
             if rec.dispatched_at is None and row["dispatched_at"] is not None:  # the leader sent it

@@ -9,8 +9,10 @@ import peewee as pw
 
 from ollama_fleet.contract.jobs import TERMINAL, JobStatus
 from ollama_fleet.controller.db import Base, JSONField, register_models
+from ollama_fleet.controller.jobs.machine import CANCELLED_UNSENT
 
 UNFINISHED = tuple(s.value for s in JobStatus if not s.terminal)  # what the ledger loads at start
+FINAL = tuple(s.value for s in TERMINAL)
 CHUNK = 200  # rows per INSERT
 
 
@@ -51,10 +53,21 @@ COLUMNS = tuple(f.name for f in Job._meta.sorted_fields if f.name != "id")
 
 
 def upsert(rows: list[dict[str, Any]]) -> int:
+    """Insert or update; a row that holds an outcome is never changed again (with several controllers a
+    writer may be behind: a follower cancelled the job, another leader ended it)."""
     preserve = [f for f in Job._meta.sorted_fields if f.name not in ("id", "task_id")]
     for i in range(0, len(rows), CHUNK):
-        Job.insert_many(rows[i:i + CHUNK]).on_conflict(conflict_target=[Job.task_id], preserve=preserve).execute()
+        Job.insert_many(rows[i:i + CHUNK]).on_conflict(conflict_target=[Job.task_id], preserve=preserve,
+                                                        where=Job.status.not_in(FINAL)).execute()
     return len(rows)
+
+
+def cancel_unsent(task_id: str, now: float) -> int:
+    """Cancel a job only if no one has sent it yet (a follower's cancel): 1 if it was, else 0."""
+    return int(Job.update(status=JobStatus.CANCELLED.value, error_code="cancelled", error=CANCELLED_UNSENT,
+                          finished_at=now, updated_at=now)
+               .where((Job.task_id == task_id) & (Job.status == JobStatus.PENDING.value)
+                      & Job.dispatched_at.is_null()).execute())
 
 
 def load_unfinished() -> list[dict[str, Any]]:
@@ -62,11 +75,13 @@ def load_unfinished() -> list[dict[str, Any]]:
     return cast(list[dict[str, Any]], list(q.dicts()))
 
 
-def rows_for(task_ids: list[str]) -> list[dict[str, Any]]:
-    """The rows of these jobs (another controller may have changed them)."""
+def rows_for(keys: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The rows of these jobs, by (node, job id): another controller may have changed them (and may know a
+    script's job under another task id)."""
     rows: list[dict[str, Any]] = []
-    for i in range(0, len(task_ids), CHUNK):
-        rows += cast(list[dict[str, Any]], list(Job.select().where(Job.task_id.in_(task_ids[i:i + CHUNK])).dicts()))
+    for i in range(0, len(keys), CHUNK):
+        where = pw.Tuple(Job.node_id, Job.job_id).in_(keys[i:i + CHUNK])
+        rows += cast(list[dict[str, Any]], list(Job.select().where(where).dicts()))
     return rows
 
 

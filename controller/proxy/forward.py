@@ -282,9 +282,10 @@ class _Failed(Exception):
 
 class Proxy:
     def __init__(self, cfg: Config, registry: Registry, *, tracer: Tracer | None = None,
-                 stats: RequestStats | None = None) -> None:
+                 stats: RequestStats | None = None, instance: str = "") -> None:
         self.cfg = cfg
         self.registry = registry
+        self.instance = instance  # this controller process (/healthz `instance`): X-Fleet-Controller
         self.stats = stats if cfg.metrics else None  # None: no metric work on the request path
         self.router = Router(cfg.routing_strategy, cfg.proxy_cooldown)
         self.admission = Admission(cfg, registry, self.router.has_model, self.router.warm)
@@ -598,6 +599,8 @@ class Proxy:
         if x.agent:
             headers["x-fleet-agent"] = x.agent
         headers["x-fleet-request-id"] = x.rid
+        if self.instance:  # which of several controllers answered: behind a load balancer, for a failed stream
+            headers["x-fleet-controller"] = self.instance
         p = x.admitted
         if p is not None and p.queued:
             headers["x-fleet-queue-wait"] = str(round(p.waited * 1000))

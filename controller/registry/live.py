@@ -231,6 +231,13 @@ class Registry:
         self._deleted, self._events, self._samples = [], [], []
         return batch
 
+    def rewrite_all(self) -> None:
+        """Write every agent, its GPUs and models at the next flush: a new leader's rows replace whatever
+        the old one left (docs/scaling.md)."""
+        self._dirty.update(self.agents)
+        self._dirty_gpus.update(self.agents)
+        self._dirty_models.update(self.agents)
+
     def requeue(self, batch: Batch) -> None:
         """A flush failed (database busy or restarting): keep what it held for the next one."""
         self._dirty.update(row["node_id"] for row in batch.agents if row["node_id"] in self.agents)

@@ -143,14 +143,30 @@ def _bisect(name: str, items: Sequence[Any], write: Callable[[Sequence[Any]], in
         return 0
 
 
+def save_settings(node: str, display_name: str, tags: list[str], notes: str) -> int:
+    """An operator's settings for an agent, written by the controller that took them (whether it leads or
+    not): the rows of the others' flushes leave these columns alone."""
+    return int(Agent.update(display_name=display_name, tags=tags, notes=notes).where(Agent.node_id == node).execute())
+
+
+def delete_nodes(nodes: Sequence[str]) -> int:
+    """An operator's delete, written at once by the controller that took it."""
+    return _delete_nodes(nodes)
+
+
 def _delete_nodes(nodes: Sequence[str]) -> int:
     for model in (Agent, Gpu, InstalledModel, MetricSample):
         model.delete().where(model.node_id.in_(list(nodes))).execute()
     return 0  # deletions are not rows written
 
 
+OPERATOR_COLUMNS = ("display_name", "tags", "notes")  # an operator's: written by save_settings, not by flushes
+
+
 def _upsert_agents(rows: Sequence[dict[str, Any]]) -> int:
-    preserve = [f for f in Agent._meta.sorted_fields if f.name != "node_id"]
+    # the operator's columns only on insert: a flush from a registry that missed an operator's change
+    # (several controllers) must not undo it; save_settings writes them
+    preserve = [f for f in Agent._meta.sorted_fields if f.name != "node_id" and f.name not in OPERATOR_COLUMNS]
     for chunk in _chunks(list(rows)):
         Agent.insert_many(chunk).on_conflict(conflict_target=[Agent.node_id], preserve=preserve).execute()
     return len(rows)
