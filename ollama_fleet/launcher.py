@@ -9,6 +9,7 @@ never loads the web framework and `fleet controller` never loads the agent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from ollama_fleet.settings import Config, ConfigError
 
@@ -24,6 +26,9 @@ log = logging.getLogger("fleet")
 WORKER_ENV = "FLEET_WORKER_INDEX"  # set by the supervisor for its workers: 2..N (1 is the first)
 RESTART_BACKOFF = (1.0, 30.0)  # seconds before restarting a worker that died: first, most (doubling)
 STABLE_AFTER = 60.0  # a worker that ran this long restarts after the first backoff again
+START_FAILURES = 5  # exits in a row, each within STABLE_AFTER of its start: a configuration error, give up
+STOP_DEADLINE = 30.0  # seconds workers get to stop after SIGTERM/SIGINT (their drain is 8 s), then SIGKILL
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def run_controller(cfg: Config, local_agent: bool = False) -> int:
@@ -80,59 +85,113 @@ def _shared_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int, prctl: Callable[..., int] | None) -> None:
     """In a worker before it runs (Linux): SIGTERM when the supervisor dies, even by SIGKILL, so no
-    worker is left holding the port and its MQTT account."""
-    import ctypes
+    worker is left holding the port and its MQTT account. `prctl` is resolved by the supervisor: this runs
+    between fork and exec, where finding libc (ctypes.util runs ldconfig) has no place."""
+    if prctl is None:
+        return  # no libc found: a supervisor's death leaves its workers running, as on other systems
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the supervisor died before prctl: the signal will never come
+        os._exit(1)
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+def _libc_prctl() -> Callable[..., int] | None:
+    """libc's prctl, or None where there is none (not Linux, or no libc to be found)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c") if sys.platform == "linux" else None
+    if name is None:
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(name, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
 
 
 def supervise(workers: int) -> int:
     """Start `workers` controller processes with this command's arguments and environment; restart one
-    that dies (with backoff); on SIGTERM/SIGINT stop them all and wait for their graceful shutdown."""
-    stopping = False
+    that dies (with backoff); on SIGTERM/SIGINT stop them all and wait for their graceful shutdown (up to
+    STOP_DEADLINE, then SIGKILL). A worker that exits START_FAILURES times in a row within STABLE_AFTER of
+    its start is a configuration error: every worker is stopped and the status is 1.
+
+    Workers run in sessions of their own, so a terminal's Ctrl-C reaches only this process, which forwards
+    it once. The signal handler only records the signal; this loop does the rest, so a signal in the
+    middle of starting a worker neither misses it nor lets the remaining workers start."""
+    stop_signal: list[int] = []  # the first SIGTERM/SIGINT received (the handler appends, nothing else)
+    status = 0
     procs: dict[int, subprocess.Popen[bytes]] = {}
     started: dict[int, float] = {}
     backoff = dict.fromkeys(range(1, workers + 1), RESTART_BACKOFF[0])
+    failures = dict.fromkeys(range(1, workers + 1), 0)  # exits in a row within STABLE_AFTER of the start
     due: dict[int, float] = {}
+    die_with_us = functools.partial(_die_with_parent, os.getpid(), _libc_prctl())
 
     def start(index: int) -> None:
         env = {**os.environ, WORKER_ENV: str(index)}
         procs[index] = subprocess.Popen([sys.executable, "-m", "ollama_fleet.cli", *sys.argv[1:]], env=env,
-                                        preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                        start_new_session=True,
+                                        preexec_fn=die_with_us if sys.platform == "linux" else None)
         started[index] = time.monotonic()
         log.info("controller worker %d started (pid %d)", index, procs[index].pid)
 
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signum)
+    def on_signal(signum: int, _frame: object) -> None:
+        if not stop_signal:
+            stop_signal.append(signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     for i in range(1, workers + 1):
+        if stop_signal:
+            break
         start(i)
-    while not stopping or any(p.poll() is None for p in procs.values()):
+    while not stop_signal:
         time.sleep(0.2)
-        if stopping:
-            continue
         now = time.monotonic()
         for i, p in list(procs.items()):
-            if p.poll() is not None and i not in due:
-                if now - started[i] >= STABLE_AFTER:
-                    backoff[i] = RESTART_BACKOFF[0]
-                log.error("controller worker %d exited with %s; restarting in %.0f s", i, p.returncode, backoff[i])
-                due[i] = now + backoff[i]
-                backoff[i] = min(backoff[i] * 2, RESTART_BACKOFF[1])
+            if p.poll() is None or i in due:
+                continue
+            if now - started[i] >= STABLE_AFTER:
+                backoff[i], failures[i] = RESTART_BACKOFF[0], 0
+            else:
+                failures[i] += 1
+            if failures[i] >= START_FAILURES:
+                log.error("controller worker %d exited %d times in a row within %.0f s of its start (last "
+                          "status %s): giving up, stopping every worker; its log above says why (a configuration "
+                          "error?)",
+                          i, failures[i], STABLE_AFTER, p.returncode)
+                stop_signal.append(signal.SIGTERM)
+                status = 1
+                break
+            log.error("controller worker %d exited with %s; restarting in %.0f s", i, p.returncode, backoff[i])
+            due[i] = now + backoff[i]
+            backoff[i] = min(backoff[i] * 2, RESTART_BACKOFF[1])
         for i, when in list(due.items()):
-            if now >= when:
+            if now >= when and not stop_signal:
                 del due[i]
                 start(i)
-    return 0
+    _stop(procs, stop_signal[0])
+    return status
+
+
+def _stop(procs: dict[int, subprocess.Popen[bytes]], signum: int) -> None:
+    """Forward `signum` to every running worker once; SIGKILL those still running after STOP_DEADLINE."""
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signum)
+    deadline = time.monotonic() + STOP_DEADLINE
+    while any(p.poll() is None for p in procs.values()):
+        if time.monotonic() >= deadline:
+            for i, p in procs.items():
+                if p.poll() is None:
+                    log.error("controller worker %d (pid %d) still running %.0f s after %s: killing it", i,
+                              p.pid, STOP_DEADLINE, signal.Signals(signum).name)
+                    p.kill()
+                    p.wait()
+            break
+        time.sleep(0.1)
 
 
 def run_agent(cfg: Config) -> int:

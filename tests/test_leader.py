@@ -318,10 +318,15 @@ def test_a_signal_while_workers_start_stops_those_started_and_starts_no_more(fle
         assert sup.wait(30) == 0
         reader.join(10)
     finally:
+        seen.update(_children(sup.pid))
         if sup.poll() is None:
             sup.kill()
+            sup.wait(5)
         _kill_left(seen)
-        os.close(r)
+        if reader.is_alive():
+            reader.join(10)  # the end of the pipe comes once every writer is gone
+        if not reader.is_alive():
+            os.close(r)
     log = b"".join(out).decode(errors="replace")
     assert _started(log) == {1: worker}, log[-3000:]
     assert gone(worker)

@@ -18,7 +18,13 @@ import pytest
 
 from ollama_fleet.contract import protocol
 from ollama_fleet.contract.protocol import LOAD_ENTRIES_MAX, ProtocolError, Topics
-from ollama_fleet.controller.cluster.load import LOAD_EVERY, LOAD_SOON, LOAD_TTL
+from ollama_fleet.controller.admission.gate import Admission
+from ollama_fleet.controller.admission.scheduler import Ticket
+from ollama_fleet.controller.cluster.load import LOAD_BYTES, LOAD_EVERY, LOAD_SOON, LOAD_TTL, SharedLoad
+from ollama_fleet.controller.hub import Hub
+from ollama_fleet.controller.registry.ingest import Ingest
+from ollama_fleet.controller.registry.live import AgentRecord, Registry
+from ollama_fleet.settings import Config
 from tests.proxy_support import ADMIN, chat_body, depth, post, start_fleet, wait_routable
 from tests.support import Controller, wait_until
 from tests.test_contract import SCHEMAS, assert_valid, validator
@@ -239,3 +245,37 @@ def test_hostile_load_documents_are_dropped_and_counted_and_change_nothing(fleet
     assert r.status_code == 200 and int(r.headers["x-fleet-queue-wait"]) > 0, r.headers
     assert seen(c, forged) is None
     assert fakes["hl-a"].stats()["requests"].get("/api/chat") == 2
+
+
+def test_a_worst_case_load_document_stays_under_max_payload_bytes() -> None:
+    """More agents than LOAD_ENTRIES_MAX in flight and holding slots, all with the longest ids, and as many
+    longest model names queued: unbounded in bytes that is about 210 KB, which every other controller
+    would drop. The document keeps the largest counts, slots first, and fits the default limit."""
+    cfg = Config().replace(max_queue=8)
+    registry = Registry(Hub())
+    admission = Admission(cfg, registry, lambda a, m: True, lambda a, m: True)
+    shared = SharedLoad(Ingest(cfg, registry), registry, admission, lambda: True)
+    n = LOAD_ENTRIES_MAX + 20
+    for i in range(n):
+        node = f"{i:04d}".ljust(63, "n")  # NODE_ID_RE's longest
+        registry.agents[node] = AgentRecord(node_id=node, first_seen=0.0, last_seen=0.0,
+                                            in_flight=protocol.LOAD_COUNT_MAX - i)
+        admission.sched.busy[node] = protocol.LOAD_COUNT_MAX - 2 * i
+    for i in range(n):
+        model = f"{i:04d}".ljust(protocol.MODEL_KEY_MAX, "m")
+        for _ in range(1 + i % 3):
+            assert admission.sched.enqueue(Ticket(model, "normal", "p", 0.0))
+
+    doc = shared.document()
+    raw = protocol.encode({"v": protocol.PROTO, **doc})
+    assert len(raw) <= LOAD_BYTES < cfg.max_payload_bytes == 65536, len(raw)
+    protocol.check_load(protocol.decode(raw, cfg.max_payload_bytes), doc["instance"])  # what the others do
+    assert len(raw) > LOAD_BYTES - 400  # the budget is used, not left empty: less than one entry is left
+    full = {"slots": dict(admission.sched.busy), "queued": admission.sched.depths(),
+            "inflight": {a.node_id: a.in_flight for a in registry.agents.values()}}
+    assert len(doc["slots"]) == LOAD_ENTRIES_MAX  # capacity first: every slot entry the contract allows
+    assert 0 < len(doc["inflight"]) < LOAD_ENTRIES_MAX
+    for key, counts in full.items():
+        dropped = [c for name, c in counts.items() if name not in doc[key]]
+        assert not doc[key] or not dropped or min(doc[key].values()) >= max(dropped), key  # the largest kept
+        assert all(counts[name] == c for name, c in doc[key].items()), key

@@ -8,7 +8,8 @@ every LOAD_EVERY seconds, and within LOAD_SOON of a change of its slots or queue
 release is seen at once. It keeps the latest document of every other controller until LOAD_TTL after it
 arrived; the sums over them are `inflight` (the router adds them to its own counts) and `slots` (admission
 subtracts them from each agent's capacity). A document that lowers another controller's slots on an agent,
-or one that expires, hands the freed slots to the requests waiting here.
+or one that expires, hands the freed slots to the requests waiting here. A document is at most LOAD_BYTES
+encoded: beyond that it carries the largest counts only, slots first (`fit`).
 
 Staleness: a live controller's counts are at most LOAD_SOON + the broker's delay old after a change of its
 slots (LOAD_EVERY + delay for in-flight requests that hold no slot); a dead controller's counts are gone
@@ -19,6 +20,7 @@ Expiry counts from local arrival, so the controllers' clocks need not agree.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import Counter
@@ -28,7 +30,8 @@ from typing import Any
 
 import aiomqtt
 
-from ollama_fleet.contract.protocol import LOAD_ENTRIES_MAX, LOAD_MAPS, MODEL_KEY_MAX, check_load
+from ollama_fleet.contract.protocol import (LOAD_ENTRIES_MAX, LOAD_MAPS, MODEL_KEY_MAX, PROTO, check_load,
+                                            encode)
 
 from ollama_fleet.controller.admission.gate import Admission
 from ollama_fleet.controller.registry.ingest import Ingest
@@ -40,6 +43,10 @@ KIND = "load"  # protocol.PEER_KINDS: controllers/<instance>/load
 LOAD_EVERY = 0.5  # seconds between documents while nothing changes (also what says "I am alive")
 LOAD_SOON = 0.05  # seconds: a change is published within this, and documents never come faster
 LOAD_TTL = 2.0  # seconds another controller's document counts after it arrived: 4 missed documents
+# bytes a document may take once encoded: under the default max_payload_bytes (65,536), which the others
+# drop beyond. LOAD_ENTRIES_MAX alone does not bound it (512 long agent ids per map are about 35 KB a map)
+LOAD_BYTES = 60_000
+FIT_ORDER = ("slots", "inflight", "queued")  # what a full document keeps first: capacity, routing, the view
 
 
 @dataclass(slots=True)
@@ -61,6 +68,27 @@ def _top(counts: dict[str, int]) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:LOAD_ENTRIES_MAX])
 
 
+def fit(doc: dict[str, Any], budget: int) -> bool:
+    """Cut `doc`'s maps (in place) so that it encodes, with the `v` ingest adds, to at most `budget` bytes:
+    maps in FIT_ORDER, each its largest counts first, until the next entry would not fit. True when nothing
+    was cut. Each entry is costed as it encodes (`"name":count,`), so no trial encoding per entry."""
+    def cost(name: str, n: int) -> int:
+        return len(json.dumps(name)) + len(str(n)) + 2  # quotes and escapes, the colon, a comma
+
+    size = len(encode({"v": PROTO, **doc, **{k: {} for k in LOAD_MAPS}}))
+    if size + sum(cost(name, n) for key in FIT_ORDER for name, n in doc[key].items()) <= budget:
+        return True  # the usual case: no sorting
+    for key in FIT_ORDER:
+        kept: dict[str, int] = {}
+        for name, n in sorted(doc[key].items(), key=lambda kv: -kv[1]):
+            if size + cost(name, n) > budget:
+                break
+            size += cost(name, n)
+            kept[name] = n
+        doc[key] = kept
+    return False
+
+
 class SharedLoad:
     def __init__(self, ingest: Ingest, registry: Registry, admission: Admission, leader: Callable[[], bool],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -74,6 +102,7 @@ class SharedLoad:
         self.slots: Counter[str] = Counter()
         self._sent: tuple[dict[str, int], dict[str, int]] = ({}, {})  # slots and queue of the last document
         self._next = 0.0  # monotonic time the next periodic document is due
+        self._cut = False  # the last document was cut to LOAD_BYTES
         ingest.peers[KIND] = self.on_doc
 
     # ---- what others say -------------------------------------------------------------------------
@@ -116,8 +145,19 @@ class SharedLoad:
         sched = self.admission.sched
         inflight = {a.node_id: a.in_flight for a in self.registry.agents.values() if a.in_flight > 0}
         queued = {m: n for m, n in sched.depths().items() if len(m) <= MODEL_KEY_MAX}
-        return {"instance": self.instance, "ts": time.time(), "leader": self.leader(), "inflight": _top(inflight),
-                "slots": _top({n: c for n, c in sched.busy.items() if c > 0}), "queued": _top(queued)}
+        doc: dict[str, Any] = {"instance": self.instance, "ts": time.time(), "leader": self.leader(),
+                               "inflight": _top(inflight), "queued": _top(queued),
+                               "slots": _top({n: c for n, c in sched.busy.items() if c > 0})}
+        budget = min(LOAD_BYTES, self.ingest.max_bytes)
+        cut = not fit(doc, budget)
+        if cut != self._cut:  # said when cutting starts and when it ends, not twice a second
+            self._cut = cut
+            if cut:
+                log.warning("our load document would exceed %d bytes: publishing the largest counts only "
+                            "(%d slots, %d in flight, %d queued)", budget, *(len(doc[k]) for k in FIT_ORDER))
+            else:
+                log.info("our load document fits in %d bytes again", budget)
+        return doc
 
     def _changed(self) -> bool:
         sched = self.admission.sched

@@ -152,6 +152,9 @@ async def guard(request: Request) -> HTTPResponse | None:
     """Request middleware: the central policy for every route that has no policy of its own."""
     if request.route is None:  # unrouted (404/405, a timed-out partial request): the error handler answers
         return None
+    # the dashboard session, once per request (it may read the database); a write re-reads its row, so a
+    # logout on another controller holds at once for writes (controller/dashboard/login.py)
+    await auth_web.resolve(request, fresh=request.method not in SAFE_METHODS)
     need = needs(request)
     if need is None or request.method == "OPTIONS":
         return None

@@ -53,8 +53,8 @@ STRING_MAX = 4096  # characters per string (keys too)
 DEPTH_MAX = 32  # levels of objects/arrays
 SESSION_MAX = 64  # a session id is a uuid4 hex (32); the database column holds 64
 
-# A controller's load document (controllers/<instance>/load): every map is bounded so one document stays below
-# max_payload_bytes, and counts are plain non-negative integers.
+# A controller's load document (controllers/<instance>/load): maps and counts are bounded here; the sender
+# also cuts a document to its byte budget (controller/cluster/load.py LOAD_BYTES, under max_payload_bytes).
 LOAD_MAPS = ("inflight", "slots", "queued")  # agent -> requests in flight, agent -> admission slots, model -> queued
 LOAD_ENTRIES_MAX = 512  # entries per map
 LOAD_COUNT_MAX = 1_000_000  # per entry
