@@ -28,6 +28,7 @@ from ollama_fleet.controller.edge import origin
 from ollama_fleet.controller.edge import peer
 from ollama_fleet.controller.edge.context import EdgeView
 from ollama_fleet.controller.edge.http import App, sanic_error, unexpected_error
+from ollama_fleet.controller.edge.timeouts import BODY_TIMEOUT_KEY, HEADER_TIMEOUT_KEY
 from ollama_fleet.controller.metrics import fleet as metrics
 from ollama_fleet.controller.proxy import routes as api_proxy
 from ollama_fleet.controller.proxy import unsupported as api_unsupported
@@ -63,8 +64,8 @@ def create_app(cfg: Config, companion: CompanionFactory | None = None, name: str
     # Slow clients: total deadlines for headers and body (controller/edge/timeouts.py); Sanic's own
     # REQUEST_TIMEOUT is only an idle timer over the headers.
     app.config.update({"REQUEST_TIMEOUT": cfg.header_timeout,
-                       "FLEET_HEADER_TIMEOUT": cfg.header_timeout,
-                       "FLEET_BODY_TIMEOUT": cfg.body_timeout})
+                       HEADER_TIMEOUT_KEY: cfg.header_timeout,
+                       BODY_TIMEOUT_KEY: cfg.body_timeout})
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.OAS_UI_DEFAULT = "swagger"
     app.config.API_TITLE = "ollama-fleet controller"

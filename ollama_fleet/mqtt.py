@@ -4,6 +4,7 @@ one taken in turn, and the reconnect backoff."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -253,6 +254,9 @@ def direct_dispatch(client: aiomqtt.Client, handler: Callable[[str, bytes], None
         except Exception as exc:  # same contract as aiomqtt's reader: a broken socket ends the session
             if not client._disconnected.done():
                 client._disconnected.set_exception(exc)
+            # and the socket with it: left open, the reader would sit on a half-read packet until keepalive
+            with contextlib.suppress(Exception):
+                paho._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
 
     loop.remove_reader(fd)
     loop.add_reader(fd, read_all)

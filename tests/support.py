@@ -248,3 +248,23 @@ def fresh_postgres_db(prefix: str = "fleet_test") -> Iterator[str]:
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def pg_rows(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    """The rows of one query on a PostgreSQL database (a fresh_postgres_db URL)."""
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, args)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def health(c: Controller) -> dict[str, Any]:
+    """A controller's /healthz (which instance answered, whether it leads)."""
+    body: dict[str, Any] = c.http.get("/healthz", timeout=2).json()
+    return body
+

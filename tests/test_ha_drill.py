@@ -16,16 +16,14 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
-import psycopg2
 import pytest
 
 from tests.conftest import FleetFactory
 from tests.nginx import NginxProcess, find_nginx, start_nginx
 from tests.proxy_support import chat_body, wait_routable
-from tests.support import Controller, fresh_postgres_db, wait_until
+from tests.support import Controller, fresh_postgres_db, health, pg_rows, wait_until
 
 REQUIRE_TOOLS = os.environ.get("FLEET_TEST_REQUIRE_MOSQUITTO") == "1"  # CI: nginx must be there
 MB = 1 << 20
@@ -130,19 +128,8 @@ class Stream:
         return self.call
 
 
-def sql(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, args)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
 
 
-def health(c: Controller) -> dict[str, Any]:
-    body: dict[str, Any] = c.http.get("/healthz", timeout=2).json()
-    return body
 
 
 def one_leader(cs: list[Controller], timeout: float = 10.0) -> Controller:
@@ -166,7 +153,7 @@ def wait_status(client: httpx.Client, task_id: str, status: str, timeout: float)
 
 def request_rows(pg_url: str, rids: set[str]) -> dict[str, int] | None:
     """rid -> its rows in the request log, once every one of `rids` has one; None before."""
-    found = dict(sql(pg_url, "SELECT rid, count(*) FROM requestrecord WHERE rid = ANY(%s) GROUP BY rid",
+    found = dict(pg_rows(pg_url, "SELECT rid, count(*) FROM requestrecord WHERE rid = ANY(%s) GROUP BY rid",
                      list(rids)))
     return found if len(found) == len(rids) else None
 
@@ -283,7 +270,7 @@ def _drill(cs: list[Controller], instance: dict[str, Controller], nginx: NginxPr
         wait_status(front, t, "completed", 30)
         for c in rest:
             assert task_status(c.api, t) == "completed"
-    wait_until(lambda: sorted(sql(pg_url, "SELECT task_id, status FROM job")) ==
+    wait_until(lambda: sorted(pg_rows(pg_url, "SELECT task_id, status FROM job")) ==
                sorted((t, "completed") for t in task_ids), 10, what="one completed row per job")
 
     # the request log: every answer of a survivor is one row; the killed controller, started again, replays
@@ -300,11 +287,11 @@ def _drill(cs: list[Controller], instance: dict[str, Controller], nginx: NginxPr
                         what="the killed controller's answers replayed from its journal")
     assert logged is not None and set(logged.values()) == {1}
     # beyond those: at most the rows of requests in flight at the kill (journalled, answer cut short)
-    total = sql(pg_url, "SELECT count(*), count(DISTINCT rid) FROM requestrecord")[0]
+    total = pg_rows(pg_url, "SELECT count(*), count(DISTINCT rid) FROM requestrecord")[0]
     assert total[0] == total[1] and total[0] - len(logged) <= len(failed) + len(broken), total
     # the restarted controller follows: the leadership stays where it moved
     assert one_leader(cs) is new
 
     # each agent registered once, written once, whoever led
-    assert sorted(sql(pg_url, "SELECT node_id, count(*) FROM event WHERE kind = 'registered' GROUP BY node_id")) \
+    assert sorted(pg_rows(pg_url, "SELECT node_id, count(*) FROM event WHERE kind = 'registered' GROUP BY node_id")) \
         == [(n, 1) for n in NODES]

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg2
 import pytest
 
 from tests.jobs_support import wait_task
-from tests.support import Controller, fresh_postgres_db, wait_until
+from tests.support import Controller, fresh_postgres_db, health, pg_rows, wait_until
 
 MB = 1 << 20
 STATS = "/api/ingest"
@@ -29,19 +28,8 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
-def sql(url: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(url.replace("postgresql://", "postgres://", 1))
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, args)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
 
 
-def health(c: Controller) -> dict[str, Any]:
-    body: dict[str, Any] = c.http.get("/healthz").json()
-    return body
 
 
 def leaders(*cs: Controller) -> list[Controller]:
@@ -49,8 +37,10 @@ def leaders(*cs: Controller) -> list[Controller]:
 
 
 def one_leader(*cs: Controller, timeout: float = 10.0) -> Controller:
-    return wait_until(lambda: (lambda ls: ls[0] if len(ls) == 1 else None)(leaders(*cs)), timeout,
-                      what="exactly one leader")
+    def only() -> Controller | None:
+        found = leaders(*cs)
+        return found[0] if len(found) == 1 else None
+    return wait_until(only, timeout, what="exactly one leader")
 
 
 def distribute(c: Controller, model: str, node: str) -> str:
@@ -82,7 +72,7 @@ def test_any_controller_takes_jobs_and_changes_and_the_leader_alone_writes(fleet
     task_id = distribute(follower, "tinyllama", "ha-a")
     for c in (follower, leader):
         wait_task(c, task_id, timeout=30, status="completed")
-    wait_until(lambda: sql(pg_url, "SELECT status FROM job WHERE task_id = %s", task_id) == [("completed",)],
+    wait_until(lambda: pg_rows(pg_url, "SELECT status FROM job WHERE task_id = %s", task_id) == [("completed",)],
                what="the job recorded once, completed")
 
     # a job the follower cancels before anyone sent it: never sent, cancelled everywhere, one row
@@ -94,16 +84,16 @@ def test_any_controller_takes_jobs_and_changes_and_the_leader_alone_writes(fleet
     for c in (follower, leader):
         wait_task(c, held, timeout=10, status="cancelled")
     wait_task(leader, first, timeout=30, status="completed")
-    assert sql(pg_url, "SELECT status, dispatched_at FROM job WHERE task_id = %s", held) == [("cancelled", None)]
+    assert pg_rows(pg_url, "SELECT status, dispatched_at FROM job WHERE task_id = %s", held) == [("cancelled", None)]
 
     # an operator's change on the follower reaches the leader, which writes it
     r = follower.http.put("/api/agents/ha-a/settings", json={"display_name": "Via follower", "tags": ["ha"]})
     assert r.status_code == 200
     wait_until(lambda: leader.agent("ha-a")["name"] == "Via follower", what="the change on the leader")
-    wait_until(lambda: sql(pg_url, "SELECT display_name FROM agent WHERE node_id = 'ha-a'") == [("Via follower",)],
+    wait_until(lambda: pg_rows(pg_url, "SELECT display_name FROM agent WHERE node_id = 'ha-a'") == [("Via follower",)],
                what="the change in the database")
     # every controller heard the agent register; the event is written once
-    assert sql(pg_url, "SELECT count(*) FROM event WHERE node_id = 'ha-a' AND kind = 'registered'") == [(1,)]
+    assert pg_rows(pg_url, "SELECT count(*) FROM event WHERE node_id = 'ha-a' AND kind = 'registered'") == [(1,)]
 
     # a hostile peer message is dropped and counted; nothing changes
     before = follower.agent("ha-a")["name"]
@@ -121,7 +111,7 @@ def test_any_controller_takes_jobs_and_changes_and_the_leader_alone_writes(fleet
     # a delete on the follower deletes on the leader too, and from the database
     assert follower.http.delete("/api/agents/ha-a").status_code == 200
     wait_until(lambda: leader.agent("ha-a") is None, what="deleted on the leader")
-    wait_until(lambda: sql(pg_url, "SELECT count(*) FROM agent WHERE node_id = 'ha-a'") == [(0,)],
+    wait_until(lambda: pg_rows(pg_url, "SELECT count(*) FROM agent WHERE node_id = 'ha-a'") == [(0,)],
                what="deleted from the database")
 
 
@@ -140,13 +130,13 @@ def test_a_killed_leader_is_replaced_and_its_pull_finishes_recorded_once(fleet, 
     rest = [c for c in cs if c is not old]
     new = one_leader(*rest, timeout=15)
     wait_task(new, task_id, timeout=40, status="completed")
-    wait_until(lambda: sql(pg_url, "SELECT status FROM job WHERE task_id = %s", task_id) == [("completed",)],
+    wait_until(lambda: pg_rows(pg_url, "SELECT status FROM job WHERE task_id = %s", task_id) == [("completed",)],
                what="the pull's outcome written once by the new leader")
     # the new leader dispatches: a job asked of the remaining follower runs
     other = next(c for c in rest if c is not new)
     again = distribute(other, "gemma3:1b", "ha-b")
     wait_task(new, again, timeout=30, status="completed")
-    assert sql(pg_url, "SELECT count(*) FROM job") == [(2,)]  # each job one row
+    assert pg_rows(pg_url, "SELECT count(*) FROM job") == [(2,)]  # each job one row
 
 
 def workers(fleet: Any, tmp_path: Any, n: int) -> Controller:
@@ -171,7 +161,10 @@ def instances(c: Controller) -> dict[str, dict[str, Any]]:
 
 
 def all_serving(c: Controller, n: int) -> dict[str, dict[str, Any]]:
-    return wait_until(lambda: (lambda s: s if len(s) == n else None)(instances(c)), 20, what=f"{n} workers serving")
+    def every() -> dict[str, dict[str, Any]] | None:
+        seen = instances(c)
+        return seen if len(seen) == n else None
+    return wait_until(every, 20, what=f"{n} workers serving")
 
 
 def test_workers_share_one_port_with_one_leader_and_restart(fleet, tmp_path):
@@ -181,8 +174,10 @@ def test_workers_share_one_port_with_one_leader_and_restart(fleet, tmp_path):
     assert sum(h["leader"] for h in both.values()) == 1
     victim = next(h for h in both.values() if not h["leader"])
     os.kill(victim["pid"], signal.SIGKILL)
-    wait_until(lambda: (lambda s: len(s) == 2 and victim["instance"] not in s)(instances(c)), 30,
-               what="the killed worker restarted by the supervisor")
+    def replaced() -> bool:
+        seen = instances(c)
+        return len(seen) == 2 and victim["instance"] not in seen
+    wait_until(replaced, 30, what="the killed worker restarted by the supervisor")
     assert c.stop() == 0  # SIGTERM: the supervisor stops every worker and waits for them
 
 

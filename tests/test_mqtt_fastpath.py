@@ -6,7 +6,8 @@ with several packets drained per wake-up; a handler that raises costs only its o
 kicking the client (client-id takeover) and a broker restart on the same port surface as aiomqtt's
 MqttError, and a new session dispatches again, retained messages included. The same path over TLS
 (`mqtts://`, where decrypted bytes can wait inside the SSL object) is covered end to end in
-tests/test_mqtt_tls.py.
+tests/test_mqtt_tls.py. Packets no broker would forward (a bad remaining length, a topic longer than its
+packet, a topic that is not UTF-8, a packet cut off) come from a raw broker on a loopback port (RawBroker).
 
 Every connection has its own account: the broker binds client ids to usernames.
 """
@@ -14,12 +15,14 @@ Every connection has its own account: the broker binds client ids to usernames.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Self
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -256,3 +259,152 @@ async def test_broker_restart_on_the_same_port_redelivers_retained(own_broker: l
         await until(lambda: f"{base}/fresh/end" in after.got, "a fresh message after the restart")
         assert not watcher.done()
     assert dict(after.got) == {**want, f"{base}/fresh": [b"fresh"], f"{base}/fresh/end": [b"end"]}
+
+
+# ---- malformed packets, from a raw broker -------------------------------------------------------------
+
+HANG_UP_S = 5.0  # for the client to close a connection that sent it a packet it cannot read (keepalive: 60 s)
+RAW_TOPIC = "fleet/v1/raw/#"
+SAME, GOOD = "fleet/v1/raw/same", "fleet/v1/raw/good"
+
+
+def varint(n: int) -> bytes:
+    """MQTT's variable byte integer (a packet's remaining length)."""
+    out = bytearray()
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish(topic: bytes, payload: bytes, v5: bool) -> bytes:
+    """A well-formed QoS 0 PUBLISH (MQTT 5: an empty property list after the topic)."""
+    body = len(topic).to_bytes(2, "big") + topic + (b"\x00" if v5 else b"") + payload
+    return b"\x30" + varint(len(body)) + body
+
+
+# name -> (the bytes, given MQTT 5 or not; what the client does: "drop" the message or "disconnect")
+MALFORMED: dict[str, tuple[Callable[[bool], bytes], str]] = {
+    # five bytes of remaining length (four at most): paho says protocol error
+    "remaining length in five bytes": (lambda v5: b"\x30\xff\xff\xff\xff\x7f", "disconnect"),
+    # a remaining length of 2 where the PUBLISH is longer: its topic length points past the packet, and
+    # the rest would be read as the next packet
+    "remaining length too short": (lambda v5: b"\x30\x02" + publish(b"fleet/v1/raw/x", b"p", v5)[2:],
+                                   "disconnect"),
+    "topic length beyond the packet": (
+        lambda v5: b"\x30" + varint(len(t := b"\x03\xe8fleet/v1/raw/x" + (b"\x00" if v5 else b"") + b"p")) + t,
+        "disconnect"),
+    "topic not UTF-8": (lambda v5: publish(b"fleet/v1/raw/\xff\xfe", b"p", v5), "drop"),
+    # the first bytes of a PUBLISH, then the broker hangs up
+    "packet cut off": (lambda v5: publish(b"fleet/v1/raw/x", b"p" * 100, v5)[:20], "disconnect"),
+}
+
+
+class RawBroker:
+    """Just enough of an MQTT 3.1.1 and 5 broker on a loopback port to send a client what no real broker
+    would: CONNACK, SUBACK, PINGRESP; right after each SUBACK, the next of `scripts` (given MQTT 5 or not:
+    the bytes to send and whether to hang up after them). Counts the connections that ended."""
+
+    def __init__(self, scripts: list[Callable[[bool], tuple[bytes, bool]]]) -> None:
+        self.scripts = scripts
+        self.ended = 0
+        self.port = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        v5 = False
+        try:
+            while True:
+                first = (await reader.readexactly(1))[0]
+                length, shift = 0, 0
+                while True:
+                    byte = (await reader.readexactly(1))[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                kind = first >> 4
+                if kind == 1:  # CONNECT: the protocol name, then its level (5, or 4 for 3.1.1)
+                    v5 = body[6] == 5
+                    writer.write(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
+                elif kind == 8:  # SUBSCRIBE: its one topic granted at QoS 1, then the script
+                    pid = body[:2]
+                    writer.write(b"\x90\x04" + pid + b"\x00\x01" if v5 else b"\x90\x03" + pid + b"\x01")
+                    data, hang_up = self.scripts.pop(0)(v5)
+                    writer.write(data)
+                    if hang_up:
+                        await writer.drain()
+                        return
+                elif kind == 12:  # PINGREQ
+                    writer.write(b"\xd0\x00")
+                elif kind == 14:  # DISCONNECT
+                    return
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client hung up
+        finally:
+            self.ended += 1
+            writer.close()
+
+
+@asynccontextmanager
+async def raw_session(broker: RawBroker, proto: str,
+                      sink: Sink) -> AsyncIterator[tuple[aiomqtt.Client, asyncio.Task[None]]]:
+    """session() against the raw broker."""
+    cfg = load([CONTROLLER], env={"FLEET_MQTT_URL": f"mqtt://raw:pw@127.0.0.1:{broker.port}",
+                                  "FLEET_MQTT_PROTOCOL": proto, "FLEET_MQTT_KEEPALIVE": "60"})
+    async with aiomqtt.Client(**fmqtt.client_kwargs(cfg, "raw-client")) as client:
+        fmqtt.direct_dispatch(client, sink)
+        await client.subscribe(RAW_TOPIC, qos=1)
+        watcher = asyncio.create_task(watch(client))
+        try:
+            yield client, watcher
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+@pytest.mark.parametrize("case", MALFORMED)
+async def test_a_malformed_packet_is_dropped_or_ends_the_session_and_the_next_one_delivers(
+    case: str, proto: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A packet the client cannot read either costs only its message (the session goes on: the message
+    after it arrives) or ends the session: MqttError for the connect loop, and the client closes the
+    connection at once (no keepalive wait, no reader left behind on a half-read packet). Nothing of the bad
+    packet reaches the handler; the next session delivers."""
+    bad, outcome = MALFORMED[case]
+    hang_up = case == "packet cut off"
+    scripts: list[Callable[[bool], tuple[bytes, bool]]] = [
+        lambda v5: (bad(v5) + (b"" if hang_up else publish(SAME.encode(), b"same", v5)), hang_up),
+        lambda v5: (publish(GOOD.encode(), b"good", v5), False),
+    ]
+    caplog.set_level(logging.WARNING, "fleet.mqtt")
+    first, second = Sink(), Sink()
+    async with RawBroker(scripts) as broker:
+        async with raw_session(broker, proto, first) as (_c, watcher):
+            if outcome == "drop":
+                await until(lambda: SAME in first.got, "the message after the bad one")
+                assert not watcher.done()
+                assert any("message dropped" in r.message for r in caplog.records if r.name == "fleet.mqtt")
+            else:
+                with pytest.raises(aiomqtt.MqttError):
+                    await asyncio.wait_for(watcher, DEADLINE_S)
+                await until(lambda: broker.ended == 1, "the client to close the connection", HANG_UP_S)
+        assert dict(first.got) == ({SAME: [b"same"]} if outcome == "drop" else {})
+        async with raw_session(broker, proto, second) as (_c, watcher):
+            await until(lambda: GOOD in second.got, "a message in the next session")
+            assert not watcher.done()
+        assert dict(second.got) == {GOOD: [b"good"]}

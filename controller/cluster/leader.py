@@ -29,7 +29,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from playhouse.db_url import parse
 
@@ -45,57 +45,18 @@ LEADER_LOCK_KEY = zlib.crc32(b"ollama-fleet leader")
 _POOL_ONLY = frozenset({"max_connections", "stale_timeout", "timeout"})  # playhouse.pool's, not libpq's
 
 
-class _Lock(Protocol):
-    def acquire(self) -> bool: ...  # True while this process holds the lock (blocking: run in a thread)
+class _Held:
+    """A lock held through a resource (a connection, a file descriptor). Calls are serialized: a check still
+    running in its thread when `release` or `close` comes finishes first; after `close`, never again."""
 
-    def release(self) -> None: ...
-
-
-class _PgLock:
-    """pg_try_advisory_lock on a connection of its own (not the pool's: the lock lives and dies with it).
-    Calls are serialized: a check still running in its thread when `release` comes finishes first."""
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.params = params
-        self.conn: Any = None
-        self.held = False
+    def __init__(self) -> None:
         self.closed = False
         self._mutex = threading.Lock()
-        self._last_log = 0.0
 
     def acquire(self) -> bool:
-        import psycopg2
-
+        """True while this process holds the lock (blocking: run in a thread)."""
         with self._mutex:
-            if self.closed:
-                return False
-            try:
-                if self.conn is None:
-                    self.held = False
-                    idle, interval, count = KEEPALIVE_S
-                    server = (f"-c statement_timeout={int(CHECK_TIMEOUT * 1000)} -c tcp_keepalives_idle={idle} "
-                              f"-c tcp_keepalives_interval={interval} -c tcp_keepalives_count={count}")
-                    params = {"connect_timeout": max(1, int(CHECK_TIMEOUT)), "keepalives": 1,
-                              "keepalives_idle": idle, "keepalives_interval": interval,
-                              "keepalives_count": count, "application_name": "fleet-leader", **self.params}
-                    params["options"] = f"{params.get('options', '')} {server}".strip()
-                    self.conn = psycopg2.connect(**params)
-                    self.conn.autocommit = True
-                with self.conn.cursor() as cur:
-                    if self.held:
-                        cur.execute("SELECT 1")  # the session, and with it the lock, is still there
-                    else:
-                        cur.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,))
-                        self.held = bool(cur.fetchone()[0])
-                return self.held
-            except Exception as e:
-                now = time.monotonic()
-                if self.held or now - self._last_log >= LOG_EVERY:
-                    self._last_log = now
-                    log.warning("leader election: the database is unavailable (%s)%s", str(e).strip(),
-                                ": stepping down" if self.held else "")
-                self._drop()
-                return False
+            return False if self.closed else self._try()
 
     def release(self) -> None:
         with self._mutex:
@@ -105,6 +66,54 @@ class _PgLock:
         with self._mutex:
             self.closed = True
             self._drop()
+
+    def _try(self) -> bool:
+        raise NotImplementedError
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+
+class _PgLock(_Held):
+    """pg_try_advisory_lock on a connection of its own (not the pool's: the lock lives and dies with it)."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        super().__init__()
+        self.params = params
+        self.conn: Any = None
+        self.held = False
+        self._last_log = 0.0
+
+    def _try(self) -> bool:
+        import psycopg2
+
+        try:
+            if self.conn is None:
+                self.held = False
+                idle, interval, count = KEEPALIVE_S
+                server = (f"-c statement_timeout={int(CHECK_TIMEOUT * 1000)} -c tcp_keepalives_idle={idle} "
+                          f"-c tcp_keepalives_interval={interval} -c tcp_keepalives_count={count}")
+                params = {"connect_timeout": max(1, int(CHECK_TIMEOUT)), "keepalives": 1,
+                          "keepalives_idle": idle, "keepalives_interval": interval,
+                          "keepalives_count": count, "application_name": "fleet-leader", **self.params}
+                params["options"] = f"{params.get('options', '')} {server}".strip()
+                self.conn = psycopg2.connect(**params)
+                self.conn.autocommit = True
+            with self.conn.cursor() as cur:
+                if self.held:
+                    cur.execute("SELECT 1")  # the session, and with it the lock, is still there
+                else:
+                    cur.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,))
+                    self.held = bool(cur.fetchone()[0])
+            return self.held
+        except Exception as e:
+            now = time.monotonic()
+            if self.held or now - self._last_log >= LOG_EVERY:
+                self._last_log = now
+                log.warning("leader election: the database is unavailable (%s)%s", str(e).strip(),
+                            ": stepping down" if self.held else "")
+            self._drop()
+            return False
 
     def _drop(self) -> None:
         conn, self.conn, self.held = self.conn, None, False
@@ -113,42 +122,29 @@ class _PgLock:
                 conn.close()  # ends the session: the server frees the lock
 
 
-class _FileLock:
+class _FileLock(_Held):
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path
         self.fd: int | None = None
-        self.closed = False
-        self._mutex = threading.Lock()
 
-    def acquire(self) -> bool:
+    def _try(self) -> bool:
         import fcntl
 
-        with self._mutex:
-            if self.closed:
-                return False
-            if self.fd is not None:
-                return True
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            except OSError as e:
-                log.warning("leader election: cannot open %s (%s)", self.path, e)
-                return False
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                return False
-            self.fd = fd
+        if self.fd is not None:
             return True
-
-    def release(self) -> None:
-        with self._mutex:
-            self._drop()
-
-    def close(self) -> None:
-        with self._mutex:
-            self.closed = True
-            self._drop()
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            log.warning("leader election: cannot open %s (%s)", self.path, e)
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
 
     def _drop(self) -> None:
         fd, self.fd = self.fd, None
@@ -184,7 +180,7 @@ def lock_for(url: str) -> _PgLock | _FileLock | _Alone:
                 import fcntl  # noqa: F401  # POSIX only
             except ImportError:
                 return _Alone()
-            return _FileLock(Path(path[1:] if path.startswith("/") else path).with_suffix(".leader"))
+            return _FileLock(Path(path.removeprefix("/")).with_suffix(".leader"))
     log.warning("no leader election on %s: run one controller on this database", scheme)
     return _Alone()
 
@@ -213,7 +209,7 @@ class Leadership:
     async def _attempt(self) -> bool:
         try:
             return await asyncio.wait_for(asyncio.to_thread(self.lock.acquire), CHECK_TIMEOUT + 1)
-        except asyncio.TimeoutError:  # the check hangs (a partition): do not act as the leader meanwhile
+        except TimeoutError:  # the check hangs (a partition): do not act as the leader meanwhile
             log.warning("leader election: the database check hangs; not leading")
             return False
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from sanic import Request
 
-from ollama_fleet.controller.hub import Event
+from ollama_fleet.controller.hub import Event, Hub
+from ollama_fleet.controller.jobs.ledger import JobLedger
+from ollama_fleet.controller.registry.live import Registry
 
 PING_EVERY = 15.0  # seconds of silence before a `: ping` comment keeps proxies and the browser happy
 MIN_GAP = 0.05  # seconds between two non-urgent messages on one stream
@@ -231,10 +233,24 @@ class Prepend(Section):
         return await self.rows(list(reversed(items)))
 
 
+class Parts(Protocol):
+    """What a stream reads of the fleet: compose.Fleet, which imports this module (Stream.close_all), so
+    named here by what it has rather than imported."""
+
+    @property
+    def hub(self) -> Hub: ...
+
+    @property
+    def registry(self) -> Registry: ...
+
+    @property
+    def jobs(self) -> JobLedger: ...
+
+
 class Classifier:
     """Says which hub events are state changes (sent at once) rather than figures (coalesced)."""
 
-    def __init__(self, fleet: Any) -> None:
+    def __init__(self, fleet: Parts) -> None:
         self.fleet = fleet
         self.status: dict[str, str | None] = {}
         self.jobs: dict[str, str] = {}
@@ -269,7 +285,7 @@ class Stream:
 
     streams: ClassVar[set[asyncio.Queue[Event]]] = set()  # every open stream, to end them at shutdown
 
-    def __init__(self, fleet: Any, sections: list[Section]) -> None:
+    def __init__(self, fleet: Parts, sections: list[Section]) -> None:
         self.fleet, self.sections = fleet, sections
         self.classifier = Classifier(fleet)
 

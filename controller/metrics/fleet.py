@@ -12,6 +12,11 @@ mix in the process and platform collectors and every test's controller) yields:
 Names, help and labels come from names.py. A scrape reads memory only; the families are built on the
 event loop (the registry changes there) and turned into text on a worker thread, so a large fleet's
 scrape does not hold the proxy's loop for its whole length.
+
+What a scrape costs (tests/bench/bench_scrape.py; figures in docs/metrics.md): about 11 samples an agent,
+and prometheus_client's generate_latest spends most of it, per sample. So the build makes Samples as cheaply
+as Python allows, generate_latest is spared its name escaping (VERBATIM), and a family whose samples are
+those of the last scrape keeps its text (Formatter).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.openmetrics.exposition import UNDERSCORES
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from sanic import Blueprint, Request
@@ -29,9 +35,9 @@ from sanic.response import HTTPResponse, raw
 from sanic_ext import openapi
 
 from ollama_fleet.contract.jobs import STATUSES as JOB_STATUSES
+from ollama_fleet.contract.sanitize import finite
 from ollama_fleet.contract.status import ALL as AGENT_STATUSES
 from ollama_fleet.contract.status import AgentStatus
-from ollama_fleet.contract.sanitize import finite
 
 from ollama_fleet.controller.admission.gate import Admission
 from ollama_fleet.controller.jobs.ledger import JobLedger
@@ -43,6 +49,20 @@ from ollama_fleet.controller.registry.live import MAX_LIST, Registry
 PERCENT = 100.0  # the agent reports CPU and GPU use in percent; Prometheus wants ratios
 ONLINE = AgentStatus.ONLINE.value  # plain str: compared once per agent per scrape
 
+# A Sample straight from its fields, as tuple.__new__ makes it: half the cost of its NamedTuple constructor,
+# which a large fleet's build calls 11 times an agent. TAIL is the fields after (name, labels, value) at
+# their defaults (a later field without a default fails here, at import).
+_new = tuple.__new__
+TAIL = tuple(Sample._field_defaults[f] for f in Sample._fields[3:])
+
+# The escaping generate_latest is given. prometheus_client (0.22 on) checks every metric and label name of
+# every sample against the legacy character set for its default scheme, `underscores`: a quarter to a third
+# of formatting a large fleet. Our names are names.py's constants, all legacy names, which that scheme leaves
+# as they are; a scheme the library does not name takes its branch that leaves names as they are, unchecked.
+# escaping() holds it to that: a probe of every family must come out byte for byte as with the default, else
+# the default is used.
+VERBATIM = "verbatim"
+
 
 def gauge(spec: names.MetricSpec) -> GaugeMetricFamily:
     return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
@@ -50,6 +70,27 @@ def gauge(spec: names.MetricSpec) -> GaugeMetricFamily:
 
 def counter(spec: names.MetricSpec) -> CounterMetricFamily:
     return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
+
+
+def escaping() -> str:
+    """VERBATIM if this prometheus_client formats every family of names.py with it exactly as with its default
+    escaping, else the default."""
+    probe: list[Metric] = []
+    for spec in names.ALL:
+        values = tuple(f"v{i}" for i in range(len(spec.labels)))
+        if spec.kind == "histogram":
+            h = HistogramMetricFamily(spec.name, spec.help, labels=spec.labels)
+            h.add_metric(values, [(repr(b), 1.0) for b in spec.buckets] + [("+Inf", 2.0)], 3.0)
+            probe.append(h)
+        else:
+            fam = counter(spec) if spec.kind == "counter" else gauge(spec)
+            fam.add_metric(values, 1.5)
+            probe.append(fam)
+    try:
+        same = generate_latest(Families(probe), escaping=VERBATIM) == generate_latest(Families(probe))
+    except ValueError:  # a release that refuses a scheme it does not know
+        same = False
+    return VERBATIM if same else UNDERSCORES
 
 
 class FleetCollector(Collector):
@@ -68,38 +109,40 @@ class FleetCollector(Collector):
         yield self._jobs()
 
     def _agents(self) -> Iterator[Metric]:
-        """Agents by status, then per agent. The hot part of a large fleet's scrape: one pass, samples
-        appended as they are (add_metric would build a label dict per sample; an agent's few are shared)."""
+        """Agents by status, then per agent: the hot part of a large fleet's build, so one pass with what it
+        calls bound to locals. An agent's label dict is shared by its samples, a GPU's by its four."""
         by_status = dict.fromkeys(AGENT_STATUSES, 0)  # every status, 0 too (as the read model counts them)
         inflight, cpu, memory, loaded = (gauge(names.INFLIGHT), gauge(names.AGENT_CPU), gauge(names.AGENT_MEMORY),
                                          gauge(names.AGENT_MODELS_LOADED))
         util, gpu_mem, temp, power = (gauge(names.AGENT_GPU_UTIL), gauge(names.AGENT_GPU_MEMORY),
                                       gauge(names.AGENT_GPU_TEMP), gauge(names.AGENT_GPU_POWER))
         capacity, busy = gauge(names.AGENT_CAPACITY), gauge(names.AGENT_SLOTS_BUSY)
-        n_capacity, n_busy, admission = capacity.name, busy.name, self.admission
-        n_inflight, n_cpu, n_memory, n_loaded = inflight.name, cpu.name, memory.name, loaded.name
-        n_util, n_gpu_mem, n_temp, n_power = util.name, gpu_mem.name, temp.name, power.name
-        add_inflight, add_cpu, add_memory, add_loaded = (inflight.samples.append, cpu.samples.append,
-                                                         memory.samples.append, loaded.samples.append)
-        add_util, add_gpu_mem, add_temp, add_power = (util.samples.append, gpu_mem.samples.append,
-                                                      temp.samples.append, power.samples.append)
+        n_capacity, n_busy, n_inflight, n_loaded = capacity.name, busy.name, inflight.name, loaded.name
+        n_cpu, n_memory, n_util, n_gpu_mem, n_temp, n_power = (
+            cpu.name, memory.name, util.name, gpu_mem.name, temp.name, power.name)
+        add_capacity, add_busy, add_inflight, add_loaded = (capacity.samples.append, busy.samples.append,
+                                                            inflight.samples.append, loaded.samples.append)
+        add_cpu, add_memory, add_util, add_gpu_mem, add_temp, add_power = (
+            cpu.samples.append, memory.samples.append, util.samples.append, gpu_mem.samples.append,
+            temp.samples.append, power.samples.append)
+        admission, held, capacity_of = self.admission, queues.busy, self.admission.capacity
+        new, tail, number = _new, TAIL, finite
         for a in self.registry.agents.values():
-            status = a.status
+            status, node = a.status, a.node_id
             by_status[status] = by_status.get(status, 0) + 1
-            agent = {"agent": a.node_id}
-            add_inflight(Sample(n_inflight, agent, a.in_flight))
-            slots = queues.slots(admission, a)
-            busy.samples.append(Sample(n_busy, agent, slots.busy))
-            if a.routable:  # capacity that can take requests now
-                capacity.samples.append(Sample(n_capacity, agent, slots.capacity))
+            agent = {"agent": node}
+            add_inflight(new(Sample, (n_inflight, agent, a.in_flight) + tail))
+            add_busy(new(Sample, (n_busy, agent, held(admission, node)) + tail))
+            if a.routable:  # capacity that can take requests now (queues.slots' capacity)
+                add_capacity(new(Sample, (n_capacity, agent, capacity_of(a)) + tail))
             if a.state != ONLINE:
                 continue  # a stale, lost or offline agent's last figures are not its present: no series
             m = a.metrics
-            add_loaded(Sample(n_loaded, agent, len(a.loaded)))
-            if (v := finite(m.get("cpu"))) is not None:
-                add_cpu(Sample(n_cpu, agent, v / PERCENT))
-            if (v := finite(m.get("mem_used"))) is not None:
-                add_memory(Sample(n_memory, agent, v))
+            add_loaded(new(Sample, (n_loaded, agent, len(a.loaded)) + tail))
+            if (v := number(m.get("cpu"))) is not None:
+                add_cpu(new(Sample, (n_cpu, agent, v / PERCENT) + tail))
+            if (v := number(m.get("mem_used"))) is not None:
+                add_memory(new(Sample, (n_memory, agent, v) + tail))
             gpus = m.get("gpus")
             if not isinstance(gpus, list):
                 continue
@@ -109,15 +152,15 @@ class FleetCollector(Collector):
                 if index in seen:
                     continue
                 seen.add(index)
-                labels = {"agent": a.node_id, "gpu": str(index)}
-                if (v := finite(g.get("util"))) is not None:
-                    add_util(Sample(n_util, labels, v / PERCENT))
-                if (v := finite(g.get("mem_used"))) is not None:
-                    add_gpu_mem(Sample(n_gpu_mem, labels, v))
-                if (v := finite(g.get("temp"))) is not None:
-                    add_temp(Sample(n_temp, labels, v))
-                if (v := finite(g.get("power"))) is not None:
-                    add_power(Sample(n_power, labels, v))
+                labels = {"agent": node, "gpu": str(index)}
+                if (v := number(g.get("util"))) is not None:
+                    add_util(new(Sample, (n_util, labels, v / PERCENT) + tail))
+                if (v := number(g.get("mem_used"))) is not None:
+                    add_gpu_mem(new(Sample, (n_gpu_mem, labels, v) + tail))
+                if (v := number(g.get("temp"))) is not None:
+                    add_temp(new(Sample, (n_temp, labels, v) + tail))
+                if (v := number(g.get("power"))) is not None:
+                    add_power(new(Sample, (n_power, labels, v) + tail))
         agents = gauge(names.AGENTS)
         for status, n in by_status.items():
             agents.add_metric((status,), n)
@@ -161,6 +204,33 @@ class Families(Collector):
         return self.families
 
 
+class Formatter:
+    """Families -> the text format, on a worker thread. generate_latest formats each family on its own, so it
+    is called per family and the texts joined: the same bytes as one call for all. A family whose samples are
+    those of the last scrape (an idle fleet's slots, in-flight counts, capacity, loaded models, request
+    counters) keeps its text; the check (Metric equality) costs a few per cent of formatting it again. Two
+    scrapes at once each read the last scrape's table and put their own in its place whole: neither sees a
+    half-made one. (A value turning from 0.0 to -0.0 keeps the text 0.0: the same number.)"""
+
+    def __init__(self, escaping: str) -> None:
+        self.escaping = escaping
+        self.last: dict[str, tuple[Metric, bytes]] = {}  # family name -> (the family, its text)
+
+    def __call__(self, families: Families) -> bytes:
+        before, last = self.last, {}
+        texts = []
+        for fam in families.families:
+            kept = before.get(fam.name)
+            if kept is not None and kept[0] == fam:
+                text = kept[1]
+            else:
+                text = generate_latest(Families([fam]), escaping=self.escaping)
+            last[fam.name] = (fam, text)
+            texts.append(text)
+        self.last = last
+        return b"".join(texts)
+
+
 class FleetMetrics:
     """The controller's metrics registry (compose.Fleet.metrics): the fleet collector on its own
     CollectorRegistry, which a future exporter can join."""
@@ -170,6 +240,7 @@ class FleetMetrics:
         self.registry = CollectorRegistry()
         self.collector = FleetCollector(registry, ingest, jobs, stats, admission)
         self.registry.register(self.collector)
+        self.format = Formatter(escaping())
 
     def snapshot(self) -> Families:
         """Every family, built now from live memory: call it on the event loop."""
@@ -177,12 +248,13 @@ class FleetMetrics:
 
     def exposition(self) -> bytes:
         """The text format in one call (the bench; tests)."""
-        return generate_latest(self.snapshot())
+        return self.format(self.snapshot())
 
     async def render(self) -> bytes:
-        """The route's: built on the loop, formatted on a worker thread (the families are its own copy)."""
+        """The route's: built on the loop, formatted on a worker thread (the families are its own: nothing
+        changes them or their samples after the build)."""
         snapshot = self.snapshot()
-        return await asyncio.to_thread(generate_latest, snapshot)
+        return await asyncio.to_thread(self.format, snapshot)
 
 
 def blueprint(metrics: FleetMetrics) -> Blueprint:

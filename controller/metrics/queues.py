@@ -49,9 +49,14 @@ def queues(admission: Admission, label: Callable[[str], str]) -> dict[str, Queue
     return out
 
 
+def busy(admission: Admission, node: str) -> int:
+    """Slots held on an agent by this controller's requests."""
+    return admission.sched.busy.get(node, 0)
+
+
 def slots(admission: Admission, a: AgentRecord) -> Slots:
     """An agent's slots held, and its capacity in force (Admission.capacity)."""
-    return Slots(admission.sched.busy.get(a.node_id, 0), admission.capacity(a))
+    return Slots(busy(admission, a.node_id), admission.capacity(a))
 
 
 def fleet_slots(admission: Admission, agents: Iterable[AgentRecord]) -> Slots:

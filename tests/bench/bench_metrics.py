@@ -25,8 +25,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ollama_fleet.controller.metrics.requests import Observation, RequestStats
-from tests.bench.bench_proxy import BODY_PLAIN, BODY_STREAM, TOKENS, WARMUP, BenchController, Fake, Result, \
-    merge, pct, run
+from tests.bench.bench_proxy import AGENT_ENV, BODY_PLAIN, BODY_STREAM, PARALLEL, TOKENS, WARMUP, BenchController, \
+    Fake, Result, merge, pct, run
 from tests.mosquitto import start_mosquitto
 from tests.support import AgentProc, wait_until
 
@@ -97,11 +97,12 @@ def main() -> int:
             ctl = BenchController(d, broker.url("controller"), {
                 "FLEET_LOG_LEVEL": "WARNING", "FLEET_FLUSH_INTERVAL": "1", "FLEET_METRICS": "1" if k == "on" and not args.control else "0"})
             procs.append(ctl)
-            procs.append(AgentProc(d, node, broker.url(node), fake.url, {"FLEET_HEARTBEAT_INTERVAL": "2"}))
+            procs.append(AgentProc(d, node, broker.url(node), fake.url, AGENT_ENV))
             ctls[k] = ctl
         for k, ctl in ctls.items():
             wait_until(lambda ctl=ctl, k=k: (a := ctl.agent(f"bench-{k}")) and a["routable"]
-                       and "llama3.2:latest" in a["models"], 20, what="agent routable")
+                       and "llama3.2:latest" in a["models"] and a["capacity"] == PARALLEL, 20,
+                       what="agent routable, with its slots")
         print(f"cpus: {os.cpu_count()} (load generator, fake Ollama, two controllers, agents, brokers share them)")
         rows = asyncio.run(bench({k: c.url for k, c in ctls.items()}, {k: c.pid for k, c in ctls.items()},
                                  args.concurrency, args.requests, args.rounds))

@@ -37,6 +37,11 @@ from tests.mosquitto import start_mosquitto
 from tests.support import AgentProc, Controller, wait_until
 
 TOKENS = 8  # tokens per answer: 9 NDJSON lines streamed
+# Generation slots the agent reports (its `ollama_num_parallel`; unset, it would report 1): as many as the highest
+# default concurrency, so admission control never queues a request in the controller and the benches (this one
+# and bench_metrics.py) measure the proxy, not a queue.
+PARALLEL = 64
+AGENT_ENV = {"FLEET_HEARTBEAT_INTERVAL": "2", "FLEET_OLLAMA_NUM_PARALLEL": str(PARALLEL)}
 # The fake binds its listening socket with proto 0, so plain asyncio never sets TCP_NODELAY on its
 # connections: after the first line of a streamed answer on a reused connection, Nagle holds the rest
 # until the delayed ACK (~40 ms). That would swamp what is measured here, so the bench runs the same fake
@@ -284,9 +289,9 @@ def main() -> int:
         cls = ProfiledController if args.profile else BenchController
         ctl = cls(tmp, broker.url("controller"), {"FLEET_LOG_LEVEL": "WARNING", "FLEET_FLUSH_INTERVAL": "1"})
         procs.append(ctl)
-        procs.append(AgentProc(tmp, "bench-a", broker.url("bench-a"), fake.url, {"FLEET_HEARTBEAT_INTERVAL": "2"}))
-        wait_until(lambda: (a := ctl.agent("bench-a")) and a["routable"] and "llama3.2:latest" in a["models"], 20,
-                   what="agent routable")
+        procs.append(AgentProc(tmp, "bench-a", broker.url("bench-a"), fake.url, AGENT_ENV))
+        wait_until(lambda: (a := ctl.agent("bench-a")) and a["routable"] and "llama3.2:latest" in a["models"]
+                   and a["capacity"] == PARALLEL, 20, what="agent routable, with its slots")
         print(f"cpus: {os.cpu_count()} (load generator, fake Ollama, controller, agent and Mosquitto share them)")
         rows = asyncio.run(bench(fake.url, ctl.url, args.concurrency, args.requests, args.rounds, ctl.pid))
         recorded = ctl.http.get("/api/requests", params={"per_page": 25}).json()["total"]
