@@ -27,7 +27,7 @@ WORKER_ENV = "FLEET_WORKER_INDEX"  # set by the supervisor for its workers: 2..N
 RESTART_BACKOFF = (1.0, 30.0)  # seconds before restarting a worker that died: first, most (doubling)
 STABLE_AFTER = 60.0  # a worker that ran this long restarts after the first backoff again
 START_FAILURES = 5  # exits in a row, each within STABLE_AFTER of its start: a configuration error, give up
-STOP_DEADLINE = 30.0  # seconds workers get to stop after SIGTERM/SIGINT (their drain is 8 s), then SIGKILL
+STOP_DEADLINE = 20.0  # seconds workers get to stop after SIGTERM/SIGINT (their drain is 8 s), then SIGKILL
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
