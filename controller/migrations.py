@@ -158,7 +158,8 @@ def upgrade(database: pw.Database, models: Sequence[type[pw.Model]],
     steps = _checked(migrations)
     target = steps[-1].version
     with _schema_lock(database), database.bind_ctx([SchemaVersion]):
-        SchemaVersion.create_table(safe=True)
+        if not database.table_exists(SchemaVersion._meta.table_name):
+            SchemaVersion.create_table(safe=True)
         row = SchemaVersion.select().order_by(SchemaVersion.version.desc()).first()
         if row is not None:
             current = row.version
@@ -181,7 +182,11 @@ def upgrade(database: pw.Database, models: Sequence[type[pw.Model]],
                 if step.version > current:
                     log.info("schema migration %d: %s", step.version, step.name)
                     step.apply(migrator)
-            database.create_tables(list(models), safe=True)
+            # Only the tables that are missing: CREATE INDEX IF NOT EXISTS on a table in use takes a lock that
+            # deadlocks with another controller's writes (several controllers share the database).
+            missing = [m for m in models if not database.table_exists(m._meta.table_name)]
+            if missing:
+                database.create_tables(missing, safe=True)
             if current < target:
                 log.info("database schema upgraded from version %d to %d", current, target)
         if current != target or row is None:

@@ -80,8 +80,8 @@ def session_of(broker: Any, node: str, timeout: float = 5.0) -> str:
     try:
         assert done.wait(timeout), f"no retained state for {node}"
     finally:
+        client.disconnect()  # first: it wakes the network loop, which loop_stop() would otherwise wait out (~1 s)
         client.loop_stop()
-        client.disconnect()
     return got["session"]
 
 
@@ -97,8 +97,8 @@ def publish_heartbeat(broker: Any, node: str, **figures: Any) -> None:
     try:
         client.publish(f"fleet/v1/nodes/{node}/heartbeat", json.dumps(doc), qos=1).wait_for_publish(5)
     finally:
-        client.loop_stop()
         client.disconnect()
+        client.loop_stop()
 
 
 def stream_lines(client: httpx.Client, path: str, body: dict[str, Any]) -> tuple[httpx.Response, list[tuple[float, bytes]]]:

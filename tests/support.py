@@ -202,8 +202,8 @@ def clear_retained(host: str, port: int, username: str, password: str, prefix: s
         for topic in retained:
             client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
     finally:
+        client.disconnect()  # first: loop_stop() alone waits out paho's 1 s network loop
         client.loop_stop()
-        client.disconnect()
     return len(retained)
 
 

@@ -38,13 +38,29 @@ BODIES: dict[str, dict[str, Any]] = {  # one generation per API family, streamed
 }
 
 
+def post_at_once(c: Controller, paths: list[str]) -> list[tuple[str, httpx.Response]]:
+    """BODIES[path] to each path, all sent together: the clients are made first, as making one takes ~25 ms of
+    the GIL; made in the threads, 24 of them would spread the sends over longer than a generation lasts."""
+    clients = [httpx.Client(base_url=c.url, timeout=60, trust_env=False) for _ in paths]
+
+    def send(client: httpx.Client, path: str) -> tuple[str, httpx.Response]:
+        r = client.post(path, json=BODIES[path])
+        r.read()
+        return path, r
+    try:
+        with ThreadPoolExecutor(len(paths)) as pool:
+            return list(pool.map(send, clients, paths))
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_no_agent_gets_more_generations_than_its_capacity_and_the_rest_wait(fleet):
     c, fakes = start_fleet(fleet, "cap-a", "cap-b", agent_env={"fleet_ollama_num_parallel": "2"},
                            tokens=4, token_delay=0.1)
     wait_until(lambda: all(a["capacity"] == 2 for a in queue(c)["agents"]), 10, what="capacities reported")
     paths = list(BODIES) * 4
-    with ThreadPoolExecutor(len(paths)) as pool:
-        answers = list(pool.map(lambda p: (p, post(c, p, BODIES[p])), paths))
+    answers = post_at_once(c, paths)
     for path, r in answers:
         assert r.status_code == 200, (path, r.text)
         assert r.headers["x-fleet-agent"] in ("cap-a", "cap-b")
@@ -143,9 +159,10 @@ def test_priorities_order_the_queue(fleet):
 
 
 def test_keys_take_turns_and_a_keys_priority_ceiling_holds(fleet):
-    c, fake = _one_slot_blocked(fleet, "fa-a", fleet_admin_token=ADMIN)
+    # the keys first: the controller loads them as it starts, no wait for its next reload
     noisy, calm = add_key(fleet, "noisy"), add_key(fleet, "calm")
     quiet = add_key(fleet, "quiet", "--max-priority", "low")
+    c, fake = _one_slot_blocked(fleet, "fa-a", fleet_admin_token=ADMIN)
     wait_keys(c, noisy, calm, quiet)
     fake.set_config(initial_delay=3.0)
     requests = [("noisy", bearer_auth(noisy))] * 6 + [("calm", bearer_auth(calm))] * 2
@@ -165,9 +182,9 @@ def test_keys_take_turns_and_a_keys_priority_ceiling_holds(fleet):
 
 
 def test_per_key_limits_answer_429_with_retry_after(fleet):
-    c, fakes = start_fleet(fleet, "kl-a", controller_env={"fleet_admin_token": ADMIN}, tokens=3, token_delay=0.5)
     rpm, one, tpm = add_key(fleet, "rpm", "--rpm", "2"), add_key(fleet, "one", "--max-concurrent", "1"), \
-        add_key(fleet, "tpm", "--tpm", "3")
+        add_key(fleet, "tpm", "--tpm", "3")  # before the controller starts: it loads them at once
+    c, fakes = start_fleet(fleet, "kl-a", controller_env={"fleet_admin_token": ADMIN}, tokens=3, token_delay=0.5)
     wait_keys(c, rpm, one, tpm)
     fakes["kl-a"].set_config(token_delay=0.0)
     gen = BODIES["/api/generate"]

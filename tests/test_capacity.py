@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from ollama_fleet.controller import readmodel
 from ollama_fleet.controller.hub import Hub
 from ollama_fleet.controller.registry.live import Registry
 from ollama_fleet.settings import ConfigError, load
+from tests.conftest import FleetFactory
 from tests.ollama_support import agent_cfg, make_own_install, path_without_ollama, until
-from tests.support import wait_until
+from tests.support import Controller, wait_until
 from tests.test_registry_poison import NodePublisher
 
 VAR = "OLLAMA_NUM_PARALLEL"
@@ -152,20 +154,35 @@ def test_capacity_comes_back_from_the_stored_info() -> None:
 # ---- end to end: real controller, agents and Mosquitto ------------------------------------------
 
 
-def test_controller_shows_the_capacity_each_agent_reports(fleet: Any) -> None:
-    c = fleet.controller()
-    fleet.agent("cap-set", FLEET_OLLAMA_NUM_PARALLEL="3", OLLAMA_NUM_PARALLEL="")
-    fleet.agent("cap-env", OLLAMA_NUM_PARALLEL="2")  # Ollama not run by the agent: the agent's environment
-    fleet.agent("cap-default", OLLAMA_NUM_PARALLEL="")
-    for node, n in (("cap-set", 3), ("cap-env", 2), ("cap-default", 1)):
-        a = c.wait_agent(node, status="online", capacity=n)
-        assert a["info"]["ollama"]["num_parallel"] == n
-    page = c.http.get("/dashboard/agents/cap-set")
-    assert page.status_code == 200 and "<dt>Parallel</dt><dd>3</dd>" in page.text
+@pytest.fixture(scope="module")
+def one_controller(tmp_path_factory: pytest.TempPathFactory, mosquitto: Any) -> Iterator[tuple[FleetFactory, Controller]]:
+    """One controller for the tests below (a start saved): each looks only at agents of its own."""
+    fleet = FleetFactory(tmp_path_factory.mktemp("capacity"), mosquitto)
+    try:
+        yield fleet, fleet.controller()
+    finally:
+        fleet.close()
 
 
-def test_hostile_num_parallel_keeps_capacity_1_and_the_controller_healthy(fleet: Any) -> None:
-    c = fleet.controller()
+def test_controller_shows_the_capacity_each_agent_reports(one_controller: tuple[FleetFactory, Controller]) -> None:
+    fleet, c = one_controller
+    agents = [fleet.agent("cap-set", FLEET_OLLAMA_NUM_PARALLEL="3", OLLAMA_NUM_PARALLEL=""),
+              fleet.agent("cap-env", OLLAMA_NUM_PARALLEL="2"),  # Ollama not run by the agent: the agent's environment
+              fleet.agent("cap-default", OLLAMA_NUM_PARALLEL="")]
+    try:
+        for node, n in (("cap-set", 3), ("cap-env", 2), ("cap-default", 1)):
+            a = c.wait_agent(node, status="online", capacity=n)
+            assert a["info"]["ollama"]["num_parallel"] == n
+        page = c.http.get("/dashboard/agents/cap-set")
+        assert page.status_code == 200 and "<dt>Parallel</dt><dd>3</dd>" in page.text
+    finally:
+        for agent in agents:  # not left beating through the next test
+            agent.stop()
+
+
+def test_hostile_num_parallel_keeps_capacity_1_and_the_controller_healthy(
+        one_controller: tuple[FleetFactory, Controller]) -> None:
+    fleet, c = one_controller
     pub = NodePublisher(fleet, "cap-hostile")
     try:
         pub.publish("state", json.dumps({"v": 1, "state": "online", "session": pub.session, "ts": time.time(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,17 +34,37 @@ class Db:
         assert listed.returncode == 0, listed.stderr
         return list(json.loads(listed.stdout))
 
-    def limits(self) -> dict[str, dict[str, Any]]:
-        return {r["name"]: {f: r[f] for f in LIMIT_FIELDS} for r in self.rows()}
+    def limits(self, rows: list[dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        """Each key's limits: from these rows of `list --json`, or from a new listing."""
+        return {r["name"]: {f: r[f] for f in LIMIT_FIELDS} for r in (self.rows() if rows is None else rows)}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
-    if request.param == "sqlite":
+BACKENDS = ["sqlite", "postgresql"]
+Alice = tuple[Db, list[dict[str, Any]]]  # a database holding alice, and its `list --json`
+
+
+@contextmanager
+def empty_db(backend: str, tmp_path: Path) -> Iterator[Db]:
+    if backend == "sqlite":
         yield Db(("--data-dir", str(tmp_path)), f"sqlite:///{tmp_path / 'fleet.db'}")
         return
     with fresh_postgres_db("fleet_keys") as url:
         yield Db(("--database-url", url), url)
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    with empty_db(request.param, tmp_path) as d:
+        yield d
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def alice_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alice]:
+    """For the tests that must change nothing: one database per backend holding alice (--rpm 10), and what
+    `list --json` says of it, which each of them checks is all there still is afterwards."""
+    with empty_db(request.param, tmp_path_factory.mktemp("keys")) as d:
+        add(d, "alice", "--rpm", "10")
+        yield d, d.rows()
 
 
 def add(db: Db, name: str, *flags: str) -> str:
@@ -59,7 +80,7 @@ def test_add_with_limits_and_list_them(db: Db) -> None:
 
     rows = db.rows()
     assert set(rows[0]) == {"id", "name", "prefix", "created", "revoked", *LIMIT_FIELDS}  # the old fields stay
-    assert db.limits() == {
+    assert db.limits(rows) == {
         "alice": {"max_concurrent": 2, "rpm": 60, "tpm": 100000, "max_priority": "normal"},
         "bob": {"max_concurrent": None, "rpm": None, "tpm": None, "max_priority": None},
     }
@@ -99,9 +120,9 @@ def test_limit_of_no_active_key_says_so(db: Db) -> None:
     (("--rpm", "99999999999"), "too large"),
     (("--max-priority", "urgent"), "'urgent' is not a priority: give one of high, normal, low"),
 ])
-def test_bad_limits_are_refused_with_exit_2_and_nothing_written(db: Db, flags: tuple[str, ...], says: str) -> None:
-    add(db, "alice", "--rpm", "10")
-    before = db.rows()
+def test_bad_limits_are_refused_with_exit_2_and_nothing_written(alice_db: Alice, flags: tuple[str, ...],
+                                                                 says: str) -> None:
+    db, before = alice_db
     for args in (("add", "bob", *flags), ("limit", "alice", "--tpm", "7", *flags)):
         proc = db.fleet(*args)
         assert proc.returncode == 2, (args, proc.stderr)
@@ -109,11 +130,12 @@ def test_bad_limits_are_refused_with_exit_2_and_nothing_written(db: Db, flags: t
     assert db.rows() == before  # no key added, no limit changed (not even the valid --tpm)
 
 
-def test_limit_without_a_limit_is_a_usage_error(db: Db) -> None:
-    add(db, "alice", "--rpm", "10")
+def test_limit_without_a_limit_is_a_usage_error(alice_db: Alice) -> None:
+    db, before = alice_db
     proc = db.fleet("limit", "alice")
     assert proc.returncode == 2 and "nothing to change" in proc.stderr and "--max-priority" in proc.stderr
-    assert db.limits()["alice"]["rpm"] == 10
+    rows = db.rows()
+    assert db.limits(rows)["alice"]["rpm"] == 10 and rows == before
 
 
 def test_the_key_ring_loads_what_the_command_stored(db: Db) -> None:

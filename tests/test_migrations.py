@@ -176,6 +176,20 @@ def test_fresh_database_is_created_at_the_latest_version(url: str) -> None:
     assert {m._meta.table_name for m in MODELS} | {"schema_version"} <= tables(url)
 
 
+def test_a_current_schema_gets_only_its_missing_tables(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Another controller's start must not run DDL on tables in use: CREATE INDEX IF NOT EXISTS locks a
+    table and deadlocked with the leader's writes on PostgreSQL (several controllers, docs/scaling.md)."""
+    init_db(url)
+    database = _connect(url)
+    with database.connection_context():
+        database.execute_sql(f'DROP TABLE "{Event._meta.table_name}"')
+    with caplog.at_level("DEBUG", logger="peewee"):
+        init_db(url)
+    ddl = [r.getMessage() for r in caplog.records if r.name == "peewee" and "CREATE" in r.getMessage()]
+    assert ddl and all(f'"{Event._meta.table_name}"' in line for line in ddl), ddl
+    assert Event._meta.table_name in tables(url)
+
+
 def test_release_database_is_upgraded_and_keeps_every_row(url: str) -> None:
     make_release_database(url)
     assert "schema_version" not in tables(url) and "websession" not in tables(url)  # as the release left it

@@ -224,10 +224,10 @@ def test_failover_before_the_first_byte(fleet: FleetFactory) -> None:
 
 # ---- API keys -----------------------------------------------------------------------------------
 def test_api_key_in_x_api_key_or_bearer(fleet: FleetFactory) -> None:
-    c, fakes = start_fleet(fleet, "an-key", controller_env={"fleet_admin_token": ADMIN})
-    added = fleet_cli("keys", "add", "claude", "--data-dir", str(fleet.tmp))
+    added = fleet_cli("keys", "add", "claude", "--data-dir", str(fleet.tmp))  # before the controller: loaded as it starts
     assert added.returncode == 0, added.stderr
     key = added.stdout.strip()
+    c, fakes = start_fleet(fleet, "an-key", controller_env={"fleet_admin_token": ADMIN})
     body: dict[str, Any] = {"model": "llama3.2", "max_tokens": 5, "messages": HI}
     wait_until(lambda: c.http.post("/v1/messages", json=body).status_code == 401, 10 + KEYS_RELOAD_EVERY,
                interval=KEYS_RELOAD_EVERY, what="the controller to pick up the new key")
