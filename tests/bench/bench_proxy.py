@@ -230,10 +230,10 @@ async def bench(fake_url: str, proxy_url: str, concurrency: list[int], requests:
 class Fake:
     """The fake Ollama as a process (see FAKE_NODELAY)."""
 
-    def __init__(self, config: dict[str, object]) -> None:
+    def __init__(self, config: dict[str, object], name: str = "bench", script: str = FAKE_NODELAY) -> None:
         root = Path(__file__).resolve().parents[2]
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", FAKE_NODELAY, "--name", "bench", "--config-json", json.dumps(config),
+            [sys.executable, "-c", script, "--name", name, "--config-json", json.dumps(config),
              "--parent-pid", str(os.getpid())],
             cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None

@@ -49,7 +49,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench.bench_proxy import FAKE_NODELAY
-from tests.fake_ollama import READY_PREFIX
+from tests.bench.bench_proxy import Fake as ProxyFake
 from tests.mosquitto import MosquittoProcess, start_mosquitto
 from tests.support import AgentProc, Controller, wait_until
 
@@ -230,28 +230,14 @@ class Meter:
         self.cpu["machine"] = self._machine() - self._m0
 
 
-class Fake:
+class Fake(ProxyFake):
     """A fake Ollama process on uvloop (see FAKE_UVLOOP)."""
 
     def __init__(self, name: str, config: dict[str, object]) -> None:
-        root = Path(__file__).resolve().parents[2]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", FAKE_UVLOOP, "--name", name, "--config-json", json.dumps(config),
-             "--parent-pid", str(os.getpid())],
-            cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(READY_PREFIX):
-                self.url = line.split()[1]
-                return
-        raise RuntimeError("fake ollama did not start")
+        super().__init__(config, name, FAKE_UVLOOP)
 
     def generating(self) -> int:
         return int(httpx.get(f"{self.url}/_fake/stats", timeout=5, trust_env=False).json()["inference_in_flight"])
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 class CProfiled(Controller):
