@@ -28,6 +28,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ ELECT_EVERY = 1.0  # seconds between a follower's attempts and a leader's checks
 CHECK_TIMEOUT = 3.0  # seconds a check may take; a leader whose check takes longer steps down
 STEP_DOWN_OFF_BROKER = 10.0  # seconds a leader may be off the broker before it lets another lead
 KEEPALIVE_S = (5, 2, 2)  # TCP keepalive idle, interval, count on both ends: a vanished peer is noticed in ~9 s
+USER_TIMEOUT_MS = 9000  # TCP_USER_TIMEOUT on both ends: the same bound while data waits for an acknowledgement
 LOG_EVERY = 60.0  # seconds between log lines about an election connection that keeps failing
 # One advisory lock key for the leadership, distinct from the schema migrations' key.
 LEADER_LOCK_KEY = zlib.crc32(b"ollama-fleet leader")
@@ -56,16 +58,23 @@ class _Held:
     def acquire(self) -> bool:
         """True while this process holds the lock (blocking: run in a thread)."""
         with self._mutex:
-            return False if self.closed else self._try()
+            held = False if self.closed else self._try()
+            if self.closed:  # closed while we were checking
+                self._drop()
+                return False
+            return held
 
     def release(self) -> None:
         with self._mutex:
             self._drop()
 
     def close(self) -> None:
-        with self._mutex:
-            self.closed = True
-            self._drop()
+        self.closed = True  # a check still hanging in its thread gives up the lock when it returns
+        if self._mutex.acquire(timeout=CHECK_TIMEOUT):
+            try:
+                self._drop()
+            finally:
+                self._mutex.release()
 
     def _try(self) -> bool:
         raise NotImplementedError
@@ -92,10 +101,13 @@ class _PgLock(_Held):
                 self.held = False
                 idle, interval, count = KEEPALIVE_S
                 server = (f"-c statement_timeout={int(CHECK_TIMEOUT * 1000)} -c tcp_keepalives_idle={idle} "
-                          f"-c tcp_keepalives_interval={interval} -c tcp_keepalives_count={count}")
+                          f"-c tcp_keepalives_interval={interval} -c tcp_keepalives_count={count} "
+                          f"-c tcp_user_timeout={USER_TIMEOUT_MS}")
+                # tcp_user_timeout (both ends): unacknowledged data gives up too, not only an idle line
                 params = {"connect_timeout": max(1, int(CHECK_TIMEOUT)), "keepalives": 1,
                           "keepalives_idle": idle, "keepalives_interval": interval,
-                          "keepalives_count": count, "application_name": "fleet-leader", **self.params}
+                          "keepalives_count": count, "tcp_user_timeout": USER_TIMEOUT_MS,
+                          "application_name": "fleet-leader", **self.params}
                 params["options"] = f"{params.get('options', '')} {server}".strip()
                 self.conn = psycopg2.connect(**params)
                 self.conn.autocommit = True
@@ -197,7 +209,12 @@ class Leadership:
         self.is_leader = True
         self.changes = 0  # elections won and lost, for tests and logs
         self.listeners: list[Callable[[bool], None]] = []
+        self.closed = False
         self._off_since: float | None = None
+        # one thread of its own, one check at a time: a check hanging on a dead network path must not
+        # pile up in (and starve) the loop's default executor, which connects to the broker and agents
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fleet-leader")
+        self._check: asyncio.Future[bool] | None = None
 
     async def open(self, url: str) -> None:
         """The first election, before the parts that ask start (at start, before the broker answers: a
@@ -207,8 +224,10 @@ class Leadership:
         log.info("this controller %s", "is the leader" if self.is_leader else "follows the leader")
 
     async def _attempt(self) -> bool:
+        if self._check is None or self._check.done():
+            self._check = asyncio.get_running_loop().run_in_executor(self._thread, self.lock.acquire)
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self.lock.acquire), CHECK_TIMEOUT + 1)
+            return await asyncio.wait_for(asyncio.shield(self._check), CHECK_TIMEOUT + 1)
         except TimeoutError:  # the check hangs (a partition): do not act as the leader meanwhile
             log.warning("leader election: the database check hangs; not leading")
             return False
@@ -235,7 +254,9 @@ class Leadership:
                 held = await self._attempt()
             elif self.is_leader:
                 log.warning("off the broker for %.0f s: letting another controller lead", STEP_DOWN_OFF_BROKER)
-                await asyncio.to_thread(self.lock.release)
+                await asyncio.get_running_loop().run_in_executor(self._thread, self.lock.release)
+        if self.closed:
+            return  # shutting down: never take the lead again
         if held != self.is_leader:
             self.is_leader = held
             self.changes += 1
@@ -247,6 +268,8 @@ class Leadership:
                     log.exception("leadership listener failed")
 
     def close(self) -> None:
-        """Let another controller lead at once (shutdown)."""
+        """Let another controller lead at once (shutdown); never lead again."""
+        self.closed = True
         self.is_leader = False
         self.lock.close()
+        self._thread.shutdown(wait=False)

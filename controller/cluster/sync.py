@@ -37,8 +37,8 @@ class RegistrySync:
         ingest.peers[KIND] = self._on_peer
 
     async def update_settings(self, node: str, settings: Settings) -> AgentRecord:
+        await self.store().write(save_settings, node, *settings)  # first: a failed write changes nothing
         a = self.registry.update_settings(node, *settings)
-        await self.store().write(save_settings, node, a.display_name, a.tags, a.notes)
         name, tags, notes = settings
         await self._tell({"op": "settings", "node": node, "display_name": name, "tags": tags, "notes": notes})
         return a

@@ -39,6 +39,7 @@ from ollama_fleet.controller.jobs.machine import (
     Lookup,
     Notify,
     Now,
+    Outbox,
     Purpose,
     job_json,
     new_job,
@@ -139,10 +140,11 @@ class JobLedger:
             return
         if self.leading:
             return
-        await self._sync(everything=True)
+        effects = await self._sync(everything=True, perform=False)
         if self.leads():
             self.leading = True
             log.info("job ledger leads: %d unfinished jobs", len(self.active))
+            self._perform(effects)  # as the leader: a job it adopted as ended elsewhere is stopped on its agent
             self.pump()
 
     async def stop(self) -> None:
@@ -201,11 +203,14 @@ class JobLedger:
         pending and unsent), else the agent is told; the leader reads the row back (SYNC_EVERY)."""
         if not self.leading and rec.held:
             now = _now()
-            if await self._db().write(js.cancel_unsent, rec.task_id, now.wall):
-                self._perform(self.machine.cancel(rec, self.registry.agents, self._broker_up, now))
+            unsent = await self._db().write(js.cancel_unsent, rec.task_id, now.wall)
+            if rec.done:  # ended meanwhile (another cancel, a report)
                 return
-            rec.dispatched_at = rec.dispatched_at or now.wall  # the leader sent it: stop it on the agent
+            if not unsent:
+                rec.dispatched_at = rec.dispatched_at or now.wall  # the leader sent it: stop it on the agent
         self._perform(self.machine.cancel(rec, self.registry.agents, self._broker_up, _now()))
+        if rec.done:  # ended here (held, or its agent unreachable): in the database before the answer
+            await self._db().write(js.upsert, [rec.row()])
 
     # ---- effects -----------------------------------------------------------------------------
     def _perform(self, effects: Iterable[Effect]) -> None:
@@ -274,7 +279,16 @@ class JobLedger:
             return
         outbox = self.machine.drain()
         if not self.leading:
-            return  # the leader writes these rows (a new leader rewrites what it holds newer: adopt)
+            # The leader writes progress. A follower writes only outcomes (a row never leaves one: the upsert
+            # keeps it), so one that ended a job here (a cancel, its agent deleted) is not lost.
+            ended = [row for row in outbox.rows if row["status"] in js.FINAL]
+            if ended:
+                try:
+                    await self.store.write(js.upsert, ended)
+                except Exception:
+                    log.exception("could not write %d ended jobs; the next flush tries again", len(ended))
+                    self.machine.restore(Outbox({r["task_id"] for r in ended}, [], []))
+            return
         try:
             if outbox.rows:
                 await self.store.write(js.upsert, outbox.rows)
@@ -321,16 +335,20 @@ class JobLedger:
             except Exception:
                 log.exception("job ledger tick failed")
 
-    async def _sync(self, everything: bool) -> None:
+    async def _sync(self, everything: bool, perform: bool = True) -> list[Effect]:
         """Read back the rows of the jobs we hold (another controller may have ended them) and, for the
         leader, every unfinished job (a follower's new ones; at promotion, all of the old leader's)."""
         db = self._db()
         rows = await db.read(js.rows_for, list(self.active))
         if everything:
             rows += await db.read(js.load_unfinished)
-        self._perform(self.machine.adopt(rows, _now()))
+        effects = self.machine.adopt(rows, _now())
+        if not perform:
+            return effects
+        self._perform(effects)
         if self.leading:
             self.pump()
+        return []
 
     # ---- reads -----------------------------------------------------------------------------
     async def get(self, task_id: str) -> dict[str, Any] | None:

@@ -573,7 +573,11 @@ class JobMachine:
         final status, the old leader died before writing it) is written again and its topic cleared."""
         effects: list[Effect] = []
         for row in rows:
-            status = JobStatus(row["status"])
+            try:
+                status = JobStatus(row["status"])
+            except ValueError:  # written by a newer release (a rolling upgrade): not ours to judge
+                self.counters["unknown_status"] += 1
+                continue
             key = (row["node_id"], row["job_id"])
             rec = self.active.get(key) or self.recent.get(key)
             if rec is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -10,6 +11,8 @@ import peewee as pw
 from ollama_fleet.contract.jobs import TERMINAL, JobStatus
 from ollama_fleet.controller.db import Base, JSONField, register_models
 from ollama_fleet.controller.jobs.machine import CANCELLED_UNSENT
+
+log = logging.getLogger("fleet.jobs")
 
 UNFINISHED = tuple(s.value for s in JobStatus if not s.terminal)  # what the ledger loads at start
 FINAL = tuple(s.value for s in TERMINAL)
@@ -53,13 +56,30 @@ COLUMNS = tuple(f.name for f in Job._meta.sorted_fields if f.name != "id")
 
 
 def upsert(rows: list[dict[str, Any]]) -> int:
-    """Insert or update; a row that holds an outcome is never changed again (with several controllers a
-    writer may be behind: a follower cancelled the job, another leader ended it)."""
-    preserve = [f for f in Job._meta.sorted_fields if f.name not in ("id", "task_id")]
+    """Insert or update, keyed by (node, job id); a row that holds an outcome is never changed again (with
+    several controllers a writer may be behind: a follower cancelled the job, another leader ended it), nor
+    its task id (two controllers may have named a script's job differently). A row the database refuses
+    (a task id another job has) is logged and skipped, not allowed to block the others."""
+    written = 0
     for i in range(0, len(rows), CHUNK):
-        Job.insert_many(rows[i:i + CHUNK]).on_conflict(conflict_target=[Job.task_id], preserve=preserve,
-                                                        where=Job.status.not_in(FINAL)).execute()
-    return len(rows)
+        written += _upsert_chunk(rows[i:i + CHUNK])
+    return written
+
+
+_PRESERVE = [f for f in Job._meta.sorted_fields if f.name not in ("id", "task_id")]
+
+
+def _upsert_chunk(rows: list[dict[str, Any]]) -> int:
+    try:
+        Job.insert_many(rows).on_conflict(conflict_target=[Job.node_id, Job.job_id], preserve=_PRESERVE,
+                                          where=Job.status.not_in(FINAL)).execute()
+        return len(rows)
+    except pw.IntegrityError as e:
+        if len(rows) == 1:
+            log.error("job %s on %s not written: %s", rows[0].get("task_id"), rows[0].get("node_id"), e)
+            return 0
+        half = len(rows) // 2
+        return _upsert_chunk(rows[:half]) + _upsert_chunk(rows[half:])
 
 
 def cancel_unsent(task_id: str, now: float) -> int:

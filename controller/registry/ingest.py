@@ -86,9 +86,11 @@ class Ingest:
                     fmqtt.direct_dispatch(client, self.handle)
                     await client.subscribe(self.topics.nodes_wildcard, qos=1)
                     await client.subscribe(self.topics.controller_cmd_wildcard, qos=1)
-                    # QoS 0: load documents are, and on a clustered broker (NATS) every QoS 1 subscription is a
-                    # replicated consumer that slows reconnects; a missed registry change is in the database
-                    await client.subscribe(self.topics.peers_wildcard, qos=0)
+                    # each peer kind at its own QoS (PEER_KINDS): load documents at 0 (on a clustered broker
+                    # every QoS 1 subscription is a replicated consumer that slows reconnects), registry changes
+                    # at 1 (a missed delete would let the leader write the agent back)
+                    for kind, (qos, _) in PEER_KINDS.items():
+                        await client.subscribe(self.topics.peer("+", kind), qos=qos)
                     # announce after subscribing: agents answer with births we must not miss
                     await client.publish(self.topics.controller_status, self._status(True), qos=1, retain=True)
                     self.client, attempt = client, 0

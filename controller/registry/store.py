@@ -143,10 +143,11 @@ def _bisect(name: str, items: Sequence[Any], write: Callable[[Sequence[Any]], in
         return 0
 
 
-def save_settings(node: str, display_name: str, tags: list[str], notes: str) -> int:
-    """An operator's settings for an agent, written by the controller that took them (whether it leads or
-    not): the rows of the others' flushes leave these columns alone."""
-    return int(Agent.update(display_name=display_name, tags=tags, notes=notes).where(Agent.node_id == node).execute())
+def save_settings(node: str, display_name: str | None, tags: list[str] | None, notes: str | None) -> int:
+    """An operator's settings for an agent (None: unchanged), written by the controller that took them,
+    leader or not: the others' flushes leave these columns alone."""
+    changed = {k: v for k, v in (("display_name", display_name), ("tags", tags), ("notes", notes)) if v is not None}
+    return int(Agent.update(**changed).where(Agent.node_id == node).execute()) if changed else 0
 
 
 def delete_nodes(nodes: Sequence[str]) -> int:

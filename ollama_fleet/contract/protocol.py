@@ -110,10 +110,6 @@ class Topics:
         """`<prefix>/controllers/<instance>/<kind>`: what one controller tells the others (PEER_KINDS)."""
         return f"{self.prefix}/controllers/{instance}/{kind}"
 
-    @property
-    def peers_wildcard(self) -> str:
-        return f"{self.prefix}/controllers/+/+"
-
     def parse_peer_topic(self, topic: str) -> tuple[str, str]:
         """`<prefix>/controllers/<instance>/<kind>` -> (instance, kind) or ProtocolError."""
         head = self.prefix + "/controllers/"
