@@ -75,16 +75,20 @@ def test_any_controller_takes_jobs_and_changes_and_the_leader_alone_writes(fleet
     wait_until(lambda: pg_rows(pg_url, "SELECT status FROM job WHERE task_id = %s", task_id) == [("completed",)],
                what="the job recorded once, completed")
 
-    # a job the follower cancels before anyone sent it: never sent, cancelled everywhere, one row
+    # jobs the follower cancels before anyone sent them, one it accepted and one the leader accepted (which
+    # the follower has not seen): never sent, cancelled everywhere, one row each
     first = distribute(follower, "gemma3:1b", "ha-a")
-    held = distribute(follower, "nomic-embed-text", "ha-a")  # waits for the one fleet pull slot
     wait_task(leader, first, timeout=20, status="in_progress")
-    wait_task(leader, held, timeout=10, status="pending")
-    assert follower.http.post(f"/api/tasks/{held}/cancel").status_code == 202
-    for c in (follower, leader):
-        wait_task(c, held, timeout=10, status="cancelled")
+    held = [distribute(follower, "nomic-embed-text", "ha-a"), distribute(leader, "qwen2.5:0.5b", "ha-a")]
+    for task_id in held:  # both wait for the one fleet pull slot
+        wait_task(leader, task_id, timeout=10, status="pending")
+        assert follower.http.post(f"/api/tasks/{task_id}/cancel").status_code == 202
+    for c, task_id in ((c, t) for c in (follower, leader) for t in held):
+        wait_task(c, task_id, timeout=10, status="cancelled")
     wait_task(leader, first, timeout=30, status="completed")
-    assert pg_rows(pg_url, "SELECT status, dispatched_at FROM job WHERE task_id = %s", held) == [("cancelled", None)]
+    for task_id in held:
+        assert pg_rows(pg_url, "SELECT status, dispatched_at FROM job WHERE task_id = %s", task_id) == \
+            [("cancelled", None)]
 
     # an operator's change on the follower reaches the leader, which writes it
     r = follower.http.put("/api/agents/ha-a/settings", json={"display_name": "Via follower", "tags": ["ha"]})

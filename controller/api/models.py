@@ -219,8 +219,11 @@ async def cancel_task(request: Request, task_id: str) -> HTTPResponse:
     rec = ledger.by_task.get(task_id)
     if rec is None:
         task = await ledger.get(task_id)
-        return error(409, f"task '{task_id}' already ended ({task['status']})") if task else \
-            error(404, f"task '{task_id}' not found")
+        if task is None:
+            return error(404, f"task '{task_id}' not found")
+        rec = await ledger.held_elsewhere(task_id)  # several controllers: one another controller holds
+        if rec is None:
+            return error(409, f"task '{task_id}' already ended ({task['status']})")
     if rec.done:
         return error(409, f"task '{task_id}' already ended ({rec.status})")
     await ledger.cancel(rec)

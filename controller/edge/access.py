@@ -36,7 +36,8 @@ Handler = Callable[..., Awaitable[HTTPResponse | None]]  # a streaming handler a
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PATHS = frozenset({"/", "/healthz", "/api/version"})
 PUBLIC_PREFIXES = ("/docs", "/dashboard/static/")
-SELF_GUARDED = frozenset({"proxy", "ollama_models"})  # blueprints that apply their own policy
+PROXY_BLUEPRINT = "proxy"  # the LLM proxy: API keys, never a dashboard session
+SELF_GUARDED = frozenset({PROXY_BLUEPRINT, "ollama_models"})  # blueprints that apply their own policy
 
 
 class Role(str, Enum):
@@ -148,13 +149,23 @@ def needs(request: Request) -> Role | None:
     return Role.VIEWER if request.method in SAFE_METHODS else Role.ADMIN
 
 
+def _may_use_session(request: Request) -> bool:
+    path = request.path
+    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES) or bearer(request):
+        return False
+    parts = request.route.name.split(".") if request.route is not None else []
+    return not (len(parts) > 2 and parts[1] == PROXY_BLUEPRINT)
+
+
 async def guard(request: Request) -> HTTPResponse | None:
     """Request middleware: the central policy for every route that has no policy of its own."""
     if request.route is None:  # unrouted (404/405, a timed-out partial request): the error handler answers
         return None
     # the dashboard session, once per request (it may read the database); a write re-reads its row, so a
-    # logout on another controller holds at once for writes (controller/dashboard/login.py)
-    await auth_web.resolve(request, fresh=request.method not in SAFE_METHODS)
+    # logout on another controller holds at once for writes (controller/dashboard/login.py). Not for what
+    # never looks at it (public paths, the LLM proxy, a bearer token): a forged cookie there costs nothing.
+    if _may_use_session(request):
+        await auth_web.resolve(request, fresh=request.method not in SAFE_METHODS)
     need = needs(request)
     if need is None or request.method == "OPTIONS":
         return None

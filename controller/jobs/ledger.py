@@ -212,6 +212,16 @@ class JobLedger:
         if rec.done:  # ended here (held, or its agent unreachable): in the database before the answer
             await self._db().write(js.upsert, [rec.row()])
 
+    async def held_elsewhere(self, task_id: str) -> JobRec | None:
+        """An unfinished job this controller has not seen yet (accepted by another controller, not started):
+        read from its row and kept, so that it can be cancelled here like any other."""
+        row = await self._db().read(js.get, task_id)
+        if row is None:
+            return None
+        self._perform(self.machine.adopt([row], _now()))
+        rec = self.by_task.get(task_id)
+        return rec if rec is not None and not rec.done else None
+
     # ---- effects -----------------------------------------------------------------------------
     def _perform(self, effects: Iterable[Effect]) -> None:
         for effect in effects:
