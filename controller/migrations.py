@@ -12,6 +12,10 @@ starting at once never both apply a step):
   or one a partial process such as `fleet keys` never created), and its new version;
 - a database newer than this code is refused (SchemaTooNew) before anything is written.
 
+Existing tables are never touched outside a step, not even with CREATE INDEX IF NOT EXISTS: on PostgreSQL
+that waits behind another controller's open writes and deadlocked a second controller's start. So a new
+index on an existing table, like a new column, needs its own step.
+
 A step is a function of a playhouse.migrate SchemaMigrator (SqliteMigrator or PostgresqlMigrator).
 It works on table and column names, never on models (a model may not be registered in this process),
 and must tolerate a table that does not exist yet: `create_tables` makes it afterwards at the model's
