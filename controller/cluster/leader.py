@@ -207,7 +207,6 @@ class Leadership:
         self.lock: _PgLock | _FileLock | _Alone = _Alone()
         self.connected = connected
         self.is_leader = True
-        self.changes = 0  # elections won and lost, for tests and logs
         self.listeners: list[Callable[[bool], None]] = []
         self.closed = False
         self._off_since: float | None = None
@@ -259,7 +258,6 @@ class Leadership:
             return  # shutting down: never take the lead again
         if held != self.is_leader:
             self.is_leader = held
-            self.changes += 1
             log.warning("this controller %s", "is the leader now" if held else "is no longer the leader")
             for listener in list(self.listeners):
                 try:
