@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import aiomqtt
 import paho.mqtt.client as mqtt
@@ -84,7 +84,14 @@ async def session(mq: MosquittoProcess, user: str, topic: str, sink: Sink,
     """A subscriber like controller/registry/ingest.py: the fast path delivers, `client.messages` only watches
     the connection (the task ends with MqttError when the session ends). The fast path goes in before
     the subscription: retained messages can come in the same read as the SUBACK."""
-    async with aiomqtt.Client(**fmqtt.client_kwargs(cfg_for(mq, user, proto), user)) as client:
+    async with _fast_session(cfg_for(mq, user, proto), user, topic, sink) as pair:
+        yield pair
+
+
+@asynccontextmanager
+async def _fast_session(cfg: Any, identifier: str, topic: str,
+                        sink: Sink) -> AsyncIterator[tuple[aiomqtt.Client, asyncio.Task[None]]]:
+    async with aiomqtt.Client(**fmqtt.client_kwargs(cfg, identifier)) as client:
         fmqtt.direct_dispatch(client, sink)
         await client.subscribe(topic, qos=1)
         watcher = asyncio.create_task(watch(client))
@@ -365,15 +372,8 @@ async def raw_session(broker: RawBroker, proto: str,
     """session() against the raw broker."""
     cfg = load([CONTROLLER], env={"FLEET_MQTT_URL": f"mqtt://raw:pw@127.0.0.1:{broker.port}",
                                   "FLEET_MQTT_PROTOCOL": proto, "FLEET_MQTT_KEEPALIVE": "60"})
-    async with aiomqtt.Client(**fmqtt.client_kwargs(cfg, "raw-client")) as client:
-        fmqtt.direct_dispatch(client, sink)
-        await client.subscribe(RAW_TOPIC, qos=1)
-        watcher = asyncio.create_task(watch(client))
-        try:
-            yield client, watcher
-        finally:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+    async with _fast_session(cfg, "raw-client", RAW_TOPIC, sink) as pair:
+        yield pair
 
 
 @pytest.mark.parametrize("proto", PROTOCOLS)

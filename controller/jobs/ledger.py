@@ -56,7 +56,7 @@ log = logging.getLogger("fleet.jobs")
 # module level so tests can shrink them
 LEDGER_TICK = 0.25  # seconds between scans for dispatchable and timed-out jobs (in memory, cheap)
 PRUNE_EVERY = 600.0
-SYNC_EVERY = 1.0  # seconds between reads of the rows other controllers wrote (several controllers only)
+SYNC_EVERY = 1.0  # seconds between reads of the rows other controllers may have written
 
 
 def _now() -> Now:

@@ -47,6 +47,7 @@ from tests.fake_ollama import start_fake_ollama
 from tests.mosquitto import MosquittoProcess, start_mosquitto
 from tests.nginx import start_nginx
 from tests.support import AgentProc, Controller, fresh_postgres_db, wait_until
+from tests.test_ha_drill import Call  # one record of a request through nginx, for the drill and this bench
 
 NODE = "bench-fo"
 POLL_S = 0.02  # /healthz polling while a new leader is awaited
@@ -54,17 +55,6 @@ FAILOVER_GOAL_S = 5.0
 TOKENS, TOKEN_DELAY = 10, 0.05
 PARALLEL = 1024  # the agent's admission capacity: the drill measures failover, not queueing
 BODY = json.dumps({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
-
-
-@dataclass
-class Call:
-    started: float
-    ended: float = 0.0
-    status: int = 0
-    rid: str = ""
-    controller: str = ""
-    complete: bool = False
-    error: str = ""
 
 
 def health(c: Controller) -> dict[str, Any] | None:
